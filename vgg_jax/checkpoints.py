@@ -1,0 +1,238 @@
+"""Saved models: a VGG's variables plus what is needed to use them.
+
+A *model bundle* is a directory holding
+
+* `vgg_jax_model.json`: the `create_model` arguments and the input
+  preprocessing (channel order, value range, mean, std), and
+* `variables/`: an orbax checkpoint of `{'params': ..., 'batch_stats': ...}`.
+
+Bundles are what `convert` writes and what `evaluate`, `predict`,
+`score_map` and fine-tuning (`config.init_from`) read. No pickle is involved:
+orbax stores arrays in tensorstore and the metadata is JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from vgg_jax import models
+
+BUNDLE_FILE = "vgg_jax_model.json"
+VARIABLES_DIR = "variables"
+FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    """How raw RGB pixels in [0, 1] become network input.
+
+    `x = (pixels[..., order] * value_range - mean) / std`, with `order`
+    reversing channels for BGR-trained networks (Keras/Caffe weights).
+    """
+
+    channel_order: str = "RGB"
+    value_range: float = 255.0
+    mean: tuple[float, ...] = (123.68, 116.779, 103.939)
+    std: tuple[float, ...] = (1.0, 1.0, 1.0)
+
+    def __post_init__(self) -> None:
+        if self.channel_order not in ("RGB", "BGR"):
+            raise ValueError(f"channel_order must be 'RGB' or 'BGR', got {self.channel_order!r}.")
+
+    def __call__(self, pixels: jax.Array | np.ndarray) -> jax.Array:
+        """Normalises NHWC pixels in [0, 1] (RGB, or 1 channel) for the network."""
+        x = jnp.asarray(pixels, jnp.float32)
+        if self.channel_order == "BGR" and x.shape[-1] == 3:
+            x = x[..., ::-1]
+        channels = x.shape[-1]
+        mean = jnp.asarray(self.mean[:channels], jnp.float32)
+        std = jnp.asarray(self.std[:channels], jnp.float32)
+        return (x * self.value_range - mean) / std
+
+    @classmethod
+    def from_config(cls, config: Any) -> Preprocessing:
+        """The preprocessing that a training config's input pipeline applies."""
+        return cls(
+            channel_order=config.get("channel_order", "RGB"),
+            value_range=float(config.value_range),
+            mean=tuple(float(v) for v in config.mean_rgb),
+            std=tuple(float(v) for v in config.std_rgb),
+        )
+
+
+@dataclasses.dataclass
+class ModelBundle:
+    """A model, its variables and its preprocessing, ready to apply."""
+
+    name: str
+    options: dict[str, Any]
+    variables: dict[str, Any]
+    preprocessing: Preprocessing = dataclasses.field(default_factory=Preprocessing)
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def model(self) -> models.VGG:
+        return models.create_model(self.name, **self.options)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.options.get("image_size", 224))
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.options.get("num_classes", 1000))
+
+
+def model_options_from_config(config: Any) -> dict[str, Any]:
+    """The `create_model` keyword arguments a training config describes."""
+    return {
+        "num_classes": int(config.num_classes),
+        "width_divisor": int(config.width_divisor),
+        "fc_width": int(config.fc_width),
+        "dropout_rate": float(config.dropout_rate),
+        "image_size": int(config.image_size),
+        "dtype": str(config.dtype),
+        "param_dtype": str(config.param_dtype),
+        "initializer": str(config.initializer),
+    }
+
+
+def _json_ready(options: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        k: (str(jnp.dtype(v)) if k in ("dtype", "param_dtype") else v) for k, v in options.items()
+    }
+
+
+def save_bundle(path: str | os.PathLike, bundle: ModelBundle) -> str:
+    """Writes a bundle directory (overwriting one that is there); returns its path."""
+    path = os.path.abspath(os.fspath(path))
+    os.makedirs(path, exist_ok=True)
+    variables = {k: v for k, v in bundle.variables.items() if k in ("params", "batch_stats")}
+    variables = jax.tree.map(np.asarray, variables)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.join(path, VARIABLES_DIR), variables, force=True)
+    checkpointer.wait_until_finished()
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "model": bundle.name,
+        "options": _json_ready(bundle.options),
+        "preprocessing": dataclasses.asdict(bundle.preprocessing),
+        "metadata": bundle.metadata,
+    }
+    # Written last: a bundle without its JSON is never taken for a complete one.
+    tmp = os.path.join(path, BUNDLE_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(meta, f, indent=2)
+    os.replace(tmp, os.path.join(path, BUNDLE_FILE))
+    return path
+
+
+def is_bundle(path: str | os.PathLike) -> bool:
+    return os.path.isfile(os.path.join(os.fspath(path), BUNDLE_FILE))
+
+
+def load_bundle(path: str | os.PathLike) -> ModelBundle:
+    """Reads a bundle directory written by `save_bundle`, checking shapes against the model."""
+    path = os.path.abspath(os.fspath(path))
+    meta_path = os.path.join(path, BUNDLE_FILE)
+    if not os.path.isfile(meta_path):
+        raise FileNotFoundError(
+            f"{path} is not a vgg_jax model bundle: {BUNDLE_FILE} is missing. Bundles are "
+            "written by `python -m vgg_jax.convert` or `vgg_jax.checkpoints.save_bundle`; a "
+            "training run's directory is loaded with `--workdir` instead."
+        )
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{meta_path} is not valid JSON ({e}); the bundle is damaged.") from e
+    name, options = meta["model"], dict(meta["options"])
+    bundle = ModelBundle(
+        name=name,
+        options=options,
+        variables={},
+        preprocessing=Preprocessing(
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in meta["preprocessing"].items()}
+        ),
+        metadata=meta.get("metadata", {}),
+    )
+    variables_dir = os.path.join(path, VARIABLES_DIR)
+    try:
+        restored = ocp.StandardCheckpointer().restore(variables_dir)
+    except Exception as e:  # orbax raises many types for damaged or missing files
+        raise ValueError(
+            f"Could not read the weights in {variables_dir}: {type(e).__name__}: {e}. The "
+            "bundle is truncated or damaged; write it again."
+        ) from e
+    bundle.variables = dict(restored)
+    check_variables(bundle.model, bundle.variables, channels=None, source=path)
+    return bundle
+
+
+def expected_variables(model: models.VGG, channels: int = 3) -> dict[str, Any]:
+    """Abstract (shape/dtype) variables of `model` for inputs with `channels` channels."""
+    size = model.image_size
+    return jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, channels)))
+    )
+
+
+def check_variables(
+    model: models.VGG,
+    variables: Mapping[str, Any],
+    channels: int | None = 3,
+    source: str = "the checkpoint",
+) -> None:
+    """Raises a ValueError naming the first parameter that does not fit `model`.
+
+    With channels=None the input channel count is read from conv1_1's kernel.
+    """
+    if channels is None:
+        try:
+            channels = int(variables["params"]["features"]["conv1_1"]["kernel"].shape[2])
+        except (KeyError, TypeError, IndexError) as e:
+            raise ValueError(
+                f"{source} holds no VGG parameters (params/features/conv1_1/kernel is missing)."
+            ) from e
+    want = expected_variables(model, channels)
+    want_flat = _flatten(want)
+    got_flat = _flatten({k: v for k, v in variables.items() if k in want})
+    missing = sorted(set(want_flat) - set(got_flat))
+    extra = sorted(set(got_flat) - set(want_flat))
+    if missing or extra:
+        raise ValueError(
+            f"{source} does not match model {model.spec.name}: "
+            + (f"missing {missing[:3]}" if missing else "")
+            + (" and " if missing and extra else "")
+            + (f"unexpected {extra[:3]}" if extra else "")
+            + ". It was saved from a different configuration."
+        )
+    for key in want_flat:
+        if tuple(want_flat[key].shape) != tuple(np.shape(got_flat[key])):
+            raise ValueError(
+                f"{source} does not match model {model.spec.name}: parameter {key} has shape "
+                f"{tuple(np.shape(got_flat[key]))}, the model expects {tuple(want_flat[key].shape)}. "
+                "It was saved from a different configuration (model, widths, image_size or "
+                "num_classes)."
+            )
+
+
+def _flatten(tree: Any) -> dict[str, Any]:
+    flat = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        flat["/".join(str(getattr(p, "key", p)) for p in path)] = leaf
+    return flat
+
+
+def flatten_names(tree: Any) -> Sequence[str]:
+    """Slash-separated names of a tree's leaves ('params/fc6/kernel', ...)."""
+    return list(_flatten(tree))
