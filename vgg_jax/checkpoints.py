@@ -217,10 +217,11 @@ def check_variables(
             + ". It was saved from a different configuration."
         )
     for key in want_flat:
-        if tuple(want_flat[key].shape) != tuple(np.shape(got_flat[key])):
+        got, expected = tuple(np.shape(got_flat[key])), tuple(want_flat[key].shape)
+        if got != expected:
             raise ValueError(
                 f"{source} does not match model {model.spec.name}: parameter {key} has shape "
-                f"{tuple(np.shape(got_flat[key]))}, the model expects {tuple(want_flat[key].shape)}. "
+                f"{got}, the model expects {expected}. "
                 "It was saved from a different configuration (model, widths, image_size or "
                 "num_classes)."
             )
