@@ -18,16 +18,20 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   touch "$stamp"
 fi
 
-# Fashion-MNIST offline: Debian ships the four IDX files. Online machines can
-# skip this: tfds downloads the data itself.
-fmnist=/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
-if [ ! -f "$fmnist" ] && command -v apt-get >/dev/null 2>&1; then
-  if [ "$(id -u)" = 0 ]; then
-    echo "[setup] installing Debian's dataset-fashion-mnist"
-    (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 ||
-      (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1)) ||
-      echo "[setup] could not install dataset-fashion-mnist; tfds will download Fashion-MNIST when online"
-  else
-    echo "[setup] for offline Fashion-MNIST run: sudo apt-get install dataset-fashion-mnist"
+# Debian packages: Fashion-MNIST's IDX files (the offline data of the main
+# job; online machines can do without, tfds downloads the data) and shellcheck
+# (the launch scripts' tests).
+apt_install() {  # apt_install PACKAGE CHECK_PATH
+  [ -e "$2" ] && return 0
+  command -v apt-get >/dev/null 2>&1 || return 0
+  if [ "$(id -u)" != 0 ]; then
+    echo "[setup] $1 is not installed; with root rights: apt-get install $1"
+    return 0
   fi
-fi
+  echo "[setup] installing Debian's $1"
+  apt-get install -y -qq "$1" >/dev/null 2>&1 ||
+    { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq "$1" >/dev/null 2>&1; } ||
+    echo "[setup] could not install $1"
+}
+apt_install dataset-fashion-mnist /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+apt_install shellcheck /usr/bin/shellcheck
