@@ -169,7 +169,7 @@ def even_share(n: int, index: int, count: int) -> tuple[int, int]:
     return index * n // count, (index + 1) * n // count
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class Source:
     """A dataset split into per-process record streams. Subclasses implement the three methods."""
 
@@ -214,22 +214,28 @@ class TfdsSource(Source):
     def _check_split(self, split: str) -> None:
         base = split.split("[")[0]
         splits = self.builder.info.splits
-        if base not in splits:
+        # No split metadata at all happens only for mocked datasets (tfds.testing.mock_data).
+        if splits and base not in splits:
             raise ValueError(
                 f"Split {split!r} not found in tfds dataset {self.name!r}; available: "
                 f"{sorted(splits.keys())}. Set config.train_split / config.eval_split."
             )
 
+    def _size(self, split) -> int:
+        if self.builder.info.splits:
+            return int(self.builder.info.splits[split].num_examples)
+        return int(self.builder.as_dataset(split=split).cardinality())
+
     def num_examples(self, split: str) -> int:
         self._check_split(split)
-        return int(self.builder.info.splits[split].num_examples)
+        return self._size(split)
 
     def _shards(self, split: str, count: int) -> list:
         self._check_split(split)
         return tfds.even_splits(split, n=count) if count > 1 else [split]
 
     def shard_sizes(self, split: str, count: int) -> list[int]:
-        return [int(self.builder.info.splits[s].num_examples) for s in self._shards(split, count)]
+        return [self._size(s) for s in self._shards(split, count)]
 
     def records(self, split, index, count, shuffle_seed, shuffle_buffer):
         shard = self._shards(split, count)[index]

@@ -233,6 +233,18 @@ def _window(offset, rescaled: tf.Tensor, original: tf.Tensor, size: int):
     return start, end - start, tf.maximum(length_rescaled, inner + size), inner
 
 
+def sample_crop(height, width, seed: tf.Tensor, aug: Augment):
+    """Random S, rescaled (H, W) with smallest side S, and the crop's top-left (oy, ox) in it."""
+    s_seed, y_seed, x_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+    scale = tf.random.stateless_uniform(
+        [], s_seed, minval=aug.scale_min, maxval=aug.scale_max + 1, dtype=tf.int32
+    )
+    big_h, big_w = rescaled_shape(height, width, scale, minimum=aug.size)
+    oy = tf.random.stateless_uniform([], y_seed, 0, big_h - aug.size + 1, dtype=tf.int32)
+    ox = tf.random.stateless_uniform([], x_seed, 0, big_w - aug.size + 1, dtype=tf.int32)
+    return scale, big_h, big_w, oy, ox
+
+
 def random_scaled_crop(encoded: tf.Tensor, seed: tf.Tensor, aug: Augment) -> tf.Tensor:
     """Rescale to a random smallest side S, take a random size x size crop: float32 [0, 255].
 
@@ -240,17 +252,10 @@ def random_scaled_crop(encoded: tf.Tensor, seed: tf.Tensor, aug: Augment) -> tf.
     that the crop maps back to, which is then rescaled by the same factor; the
     result equals the full-decode crop up to resampling at the window edges.
     """
-    s_seed, y_seed, x_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
-    scale = tf.random.stateless_uniform(
-        [], s_seed, minval=aug.scale_min, maxval=aug.scale_max + 1, dtype=tf.int32
-    )
     size = aug.size
 
     def geometry(h, w):
-        big_h, big_w = rescaled_shape(h, w, scale, minimum=size)
-        oy = tf.random.stateless_uniform([], y_seed, 0, big_h - size + 1, dtype=tf.int32)
-        ox = tf.random.stateless_uniform([], x_seed, 0, big_w - size + 1, dtype=tf.int32)
-        return big_h, big_w, oy, ox
+        return sample_crop(h, w, seed, aug)[1:]
 
     def crop_from_window(decode_window, h, w):
         big_h, big_w, oy, ox = geometry(h, w)
