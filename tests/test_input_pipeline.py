@@ -27,7 +27,8 @@ FASHION_DIR = data_sources.find_fashion_mnist_dir()
 def tfds_dir(tmp_path_factory):
     if FASHION_DIR is None:
         pytest.fail(data_sources.FASHION_MNIST_HELP)  # the data is a test prerequisite
-    return str(tmp_path_factory.mktemp("tfds"))
+    # A prepared tfds data_dir may be reused across runs (preparation takes 15-50 s).
+    return os.environ.get("VGG_JAX_TEST_TFDS_DIR") or str(tmp_path_factory.mktemp("tfds"))
 
 
 def fashion_config(data_dir, **overrides):
@@ -262,20 +263,21 @@ def test_decode_and_crop_equals_resize_then_crop(name, width, fmt):
 def test_flip_rate_is_one_half():
     encoded = _photo_jpeg("chelsea", 300)
     flipped = 0
-    n = 300
+    n = 200
     for i in range(n):
         a = ip.train_preprocess(encoded, _seed(i), _aug(flip=True)).numpy()
         b = ip.train_preprocess(encoded, _seed(i), _aug(flip=False)).numpy()
-        if not np.array_equal(a, b):
-            np.testing.assert_array_equal(a, b[:, ::-1])
+        if np.allclose(a, b[:, ::-1], atol=0.01) and not np.allclose(a, b, atol=0.01):
             flipped += 1
-    assert abs(flipped / n - 0.5) < 0.1  # binomial sd 0.029
+        else:
+            np.testing.assert_allclose(a, b, atol=0.01)
+    assert abs(flipped / n - 0.5) < 0.1  # binomial sd 0.035
 
 
 def test_color_shift_follows_the_imagenet_pca():
     encoded = _photo_jpeg("coffee", 300)
     deltas = []
-    for i in range(300):
+    for i in range(200):
         a = ip.train_preprocess(encoded, _seed(i), _aug(color_shift=0.1)).numpy()
         b = ip.train_preprocess(encoded, _seed(i), _aug()).numpy()
         d = (a - b).reshape(-1, 3)
@@ -287,6 +289,14 @@ def test_color_shift_follows_the_imagenet_pca():
     # Main axis: ImageNet's first eigenvector, sd 0.1 * 0.2175 * 255 = 5.5 levels.
     assert abs(evecs[:, -1] @ ip.PCA_EIGVEC[:, 0]) > 0.99
     assert abs(np.sqrt(evals[-1]) - 0.1 * 0.2175 * 255) < 0.1 * 0.2175 * 255 * 0.2
+
+    # The pipeline's fused colour shift + normalisation equals normalize() of the shifted image.
+    c = get_config()
+    c.value_range, c.std_rgb = 1.0, (0.2, 0.3, 0.25)
+    c.mean_rgb = (0.5, 0.4, 0.3)
+    fused = ip.train_preprocess(encoded, _seed(5), _aug(color_shift=0.1), c).numpy()
+    plain = ip.normalize(ip.train_preprocess(encoded, _seed(5), _aug(color_shift=0.1)), c)
+    np.testing.assert_allclose(fused, plain.numpy(), rtol=1e-5, atol=1e-4)
 
 
 def test_mean_subtraction_and_no_colour_shift_for_grey(photo_root):
