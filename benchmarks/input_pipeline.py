@@ -7,7 +7,7 @@ photographs (scikit-image samples) re-encoded as ~500x375 JPEGs, quality 90.
 "per core": one tf.data thread and one intra-op thread; "pipeline": the
 public `train_dataset` on an image folder with all cores, batch 64.
 
-    python benchmarks/input_pipeline.py [--images 256] [--seconds 10]
+    python benchmarks/input_pipeline.py [--images 256] [--seconds 10] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -30,8 +30,16 @@ from PIL import Image  # noqa: E402
 from configs.default import get_config  # noqa: E402
 from vgg_jax import input_pipeline as ip  # noqa: E402
 
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "cat", "hubble_deep_field",
-          "immunohistochemistry", "motorcycle_right")
+PHOTOS = (
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "cat",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "motorcycle_right",
+)
 
 
 def make_jpegs(count: int) -> list[bytes]:
@@ -60,7 +68,7 @@ def per_core(jpegs: list[bytes], aug: ip.Augment, config, seconds: float) -> flo
 
     def fn(i, encoded):
         seed = tf.stack([tf.constant(0, tf.int64), i])
-        return ip.normalize(ip.train_preprocess(encoded, seed, aug), config)
+        return ip.train_preprocess(encoded, seed, aug, config)
 
     ds = ds.map(fn, num_parallel_calls=1).batch(32)
     options = tf.data.Options()
@@ -70,14 +78,15 @@ def per_core(jpegs: list[bytes], aug: ip.Augment, config, seconds: float) -> flo
     it = iter(ds.with_options(options))
     for _ in range(3):
         next(it)
-    n, start = 0, time.perf_counter()
+    n, start, cpu = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - start < seconds:
         n += int(next(it).shape[0])
-    return n / (time.perf_counter() - start)
+    # Process CPU time, not wall time: the figure stays per core on a shared machine.
+    return n / (time.process_time() - cpu)
 
 
-def pipeline(jpegs: list[bytes], config, seconds: float, copies: int = 16) -> float:
-    """Images/s of `train_dataset` over an image folder with all cores."""
+def pipeline(jpegs: list[bytes], config, seconds: float, copies: int = 16) -> tuple[float, float]:
+    """(images/s, images per CPU-second) of `train_dataset` over an image folder, all cores."""
     root = tempfile.mkdtemp(prefix="vgg_bench_")
     for i in range(copies * len(jpegs)):  # long epochs: no per-epoch restart in the timing
         d = os.path.join(root, "train", f"class{i % 10}")
@@ -89,34 +98,41 @@ def pipeline(jpegs: list[bytes], config, seconds: float, copies: int = 16) -> fl
     it = ip.train_dataset(config, process_index=0, process_count=1)
     for _ in range(3):
         next(it)
-    n, start = 0, time.perf_counter()
+    n, start, cpu = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - start < seconds:
         n += next(it)["image"].shape[0]
-    return n / (time.perf_counter() - start)
+    return n / (time.perf_counter() - start), n / (time.process_time() - cpu)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     jpegs = make_jpegs(args.images)
-    print(f"{len(jpegs)} JPEGs, mean {np.mean([len(j) for j in jpegs]) / 1024:.0f} KiB; "
-          f"{os.cpu_count()} cores")
+    print(
+        f"{len(jpegs)} JPEGs, mean {np.mean([len(j) for j in jpegs]) / 1024:.0f} KiB; "
+        f"{os.cpu_count()} cores"
+    )
     c = get_config()
-    rows = []
+    cases = []
     for label, lo, hi in (("S in [256, 512]", 256, 512), ("S = 256", 256, 256)):
-        c.train_scale_min, c.train_scale_max = lo, hi
-        for decode_crop in (False, True):
-            aug = ip.Augment.from_config(c, 3, decode_crop=decode_crop)
-            rate = per_core(jpegs, aug, c, args.seconds)
+        for decode_crop in (False, True):  # False: decode whole image, resize it, crop
             name = "decode-and-crop" if decode_crop else "full decode, resize, crop"
-            rows.append((f"per core, {label}, {name}", rate))
-            print(f"{rows[-1][0]:55s} {rate:8.0f} images/s")
+            cases.append((f"per core, {label}, {name}", lo, hi, decode_crop))
+    best = {}
+    for _ in range(args.repeats):  # interleaved repeats, best kept: robust to other load
+        for name, lo, hi, decode_crop in cases:
+            c.train_scale_min, c.train_scale_max = lo, hi
+            aug = ip.Augment.from_config(c, 3, decode_crop=decode_crop)
+            best[name] = max(best.get(name, 0.0), per_core(jpegs, aug, c, args.seconds))
+    for name, rate in best.items():
+        print(f"{name:55s} {rate:8.0f} images/s")
     c.train_scale_min, c.train_scale_max = 256, 512
-    rate = pipeline(jpegs, c, args.seconds)
-    rows.append((f"train_dataset, {os.cpu_count()} cores, S in [256, 512], batch 64", rate))
-    print(f"{rows[-1][0]:55s} {rate:8.0f} images/s")
+    wall, per_cpu = pipeline(jpegs, c, args.seconds)
+    name = f"train_dataset, {os.cpu_count()} cores, S in [256, 512], batch 64"
+    print(f"{name:55s} {wall:8.0f} images/s wall, {per_cpu:.0f} per CPU-second")
 
 
 if __name__ == "__main__":

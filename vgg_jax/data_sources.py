@@ -383,3 +383,25 @@ def split_names(source: Source) -> Sequence[str]:
     if isinstance(source, TfdsSource):
         return sorted(source.builder.info.splits.keys())
     return sorted(os.listdir(source.root))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m vgg_jax.data_sources DATASET --data_dir D [--manual_dir M]`: prepare once.
+
+    (tfds 4.9.10's own `tfds build` command needs apache_beam to start.)
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Prepare a dataset for vgg_jax (once).")
+    parser.add_argument("dataset", help="imagenet2012, fashion_mnist, cifar10, ...")
+    parser.add_argument("--data_dir", default="", help="tfds data_dir (local or gs://)")
+    parser.add_argument("--manual_dir", default="", help="directory with the manual files")
+    args = parser.parse_args(argv)
+    source = create_source(args.dataset, args.data_dir, args.manual_dir)
+    if isinstance(source, TfdsSource):
+        sizes = {k: v.num_examples for k, v in source.builder.info.splits.items()}
+        print(f"{source.name} ready in {source.builder.data_dir}: {sizes}")
+
+
+if __name__ == "__main__":
+    main()
