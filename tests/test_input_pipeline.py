@@ -1,5 +1,6 @@
 """Input pipeline on real data: Fashion-MNIST (Debian IDX files) and an image folder of photos."""
 
+import functools
 import io
 import logging
 import os
@@ -117,6 +118,7 @@ def test_fashion_mnist_built_from_idx_files(tfds_dir):
     assert ip.num_examples(c, "train") == 60_000
     assert ip.num_examples(c, "test") == 10_000
     assert ip.steps_per_epoch(c) == 60_000 // 64
+    assert ip.image_shape(c) == (32, 32, 1)
     # It is the regular tfds dataset, readable without vgg_jax.
     assert tfds.builder("fashion_mnist", data_dir=tfds_dir).is_prepared()
 
@@ -223,6 +225,17 @@ def _seed(i):
     return tf.constant([7, i], tf.int64)
 
 
+@functools.cache
+def _pre(aug):
+    """train_preprocess compiled once per Augment (eager op-by-op is slow)."""
+    return tf.function(lambda encoded, seed: ip.train_preprocess(encoded, seed, aug))
+
+
+@functools.cache
+def _crop(aug):
+    return tf.function(lambda encoded, seed: ip.random_scaled_crop(encoded, seed, aug))
+
+
 def test_scale_jitter_covers_range_and_crops_stay_inside():
     aug = _aug(size=224, scale_min=256, scale_max=512)
     h, w = 375, 500
@@ -254,8 +267,8 @@ def test_decode_and_crop_equals_resize_then_crop(name, width, fmt):
         encoded = tf.constant(buf.getvalue())
     fast, full = _aug(decode_crop=True), _aug(decode_crop=False)
     for i in range(25):
-        a = ip.random_scaled_crop(encoded, _seed(i), fast).numpy()
-        b = ip.random_scaled_crop(encoded, _seed(i), full).numpy()
+        a = _crop(fast)(encoded, _seed(i)).numpy()
+        b = _crop(full)(encoded, _seed(i)).numpy()
         assert a.shape == b.shape == (64, 64, 3)
         np.testing.assert_allclose(a, b, atol=0.01)
 
@@ -265,8 +278,8 @@ def test_flip_rate_is_one_half():
     flipped = 0
     n = 200
     for i in range(n):
-        a = ip.train_preprocess(encoded, _seed(i), _aug(flip=True)).numpy()
-        b = ip.train_preprocess(encoded, _seed(i), _aug(flip=False)).numpy()
+        a = _pre(_aug(flip=True))(encoded, _seed(i)).numpy()
+        b = _pre(_aug(flip=False))(encoded, _seed(i)).numpy()
         if np.allclose(a, b[:, ::-1], atol=0.01) and not np.allclose(a, b, atol=0.01):
             flipped += 1
         else:
@@ -278,8 +291,8 @@ def test_color_shift_follows_the_imagenet_pca():
     encoded = _photo_jpeg("coffee", 300)
     deltas = []
     for i in range(200):
-        a = ip.train_preprocess(encoded, _seed(i), _aug(color_shift=0.1)).numpy()
-        b = ip.train_preprocess(encoded, _seed(i), _aug()).numpy()
+        a = _pre(_aug(color_shift=0.1))(encoded, _seed(i)).numpy()
+        b = _pre(_aug())(encoded, _seed(i)).numpy()
         d = (a - b).reshape(-1, 3)
         assert np.allclose(d, d[0], atol=1e-3)  # one RGB offset per image
         deltas.append(d[0])
@@ -326,6 +339,7 @@ def test_mean_subtraction_and_no_colour_shift_for_grey(photo_root):
 def test_image_folder_batches_from_awkward_files(photo_root, caplog):
     # 7 x 6 = 42 = all records: the epoch needs the second pass, so both bad files were met.
     c = folder_config(photo_root, batch_size=7)
+    assert ip.image_shape(c) == (32, 32, 3)
     assert ip.num_examples(c, "train") == 5 * 8 + 2  # 8 files per photo, 2 corrupt files
     steps = ip.steps_per_epoch(c)
     with caplog.at_level(logging.WARNING, logger="vgg_jax.input_pipeline"):

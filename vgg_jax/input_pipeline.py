@@ -37,8 +37,12 @@ configs/default.py):
 `decode_eval_image(encoded, config, scale)` -> float32 (H, W, C): the "full"
     preprocessing for one encoded image (bytes), for tools that score files.
 `num_examples(config, split)`, `steps_per_epoch(config)` (floor of train
-    examples / global batch), `normalize(images, config)`: pixel values in
-    [0, 255] -> value_range units, minus mean_rgb, divided by std_rgb.
+    examples / global batch), `image_shape(config)` (size, size, channels: 1 for
+    Fashion-MNIST, 3 for image folders), `normalize(images, config)`: pixel values
+    in [0, 255] -> value_range units, minus mean_rgb, divided by std_rgb.
+
+Optional config field `decode_crop` (default True): False decodes whole JPEGs,
+resizes the whole image and crops (the reference path; same result).
 """
 
 from __future__ import annotations
@@ -148,6 +152,11 @@ def normalize(images, config):
 def num_examples(config, split: str) -> int:
     """Number of examples in a split of config.dataset."""
     return get_source(config).num_examples(split)
+
+
+def image_shape(config) -> tuple[int, int, int]:
+    """(image_size, image_size, channels) of training batches, e.g. to initialise a model."""
+    return (config.image_size, config.image_size, get_source(config).channels)
 
 
 def steps_per_epoch(config) -> int:
