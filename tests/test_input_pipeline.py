@@ -417,6 +417,35 @@ def test_clear_errors(photo_root, tmp_path):
         ip.normalize(np.zeros((2, 2, 1)), folder_config(photo_root))
 
 
+def test_label_out_of_range_at_run_time(photo_root, monkeypatch):
+    """A source that cannot tell its class count is checked example by example."""
+    c = folder_config(photo_root, num_classes=2, eval_batch_size=30)
+    ip._cached_source.cache_clear()
+    monkeypatch.setattr(ip.get_source(c), "num_classes", None)
+    try:
+        with pytest.raises(ValueError, match="label out of range"):
+            list(ip.eval_dataset(c, process_index=0, process_count=1))
+        c.train_split = "val"
+        with pytest.raises(tf.errors.InvalidArgumentError, match="label out of range"):
+            take(ip.train_dataset(c, process_index=0, process_count=1), 4)
+    finally:
+        ip._cached_source.cache_clear()
+
+
+def test_all_corrupt_training_data_is_an_error(tmp_path):
+    for i in range(4):
+        (tmp_path / "train" / "a").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "train" / "a" / f"{i}.jpg").write_bytes(b"\xff\xd8\xff broken")
+    with pytest.raises(RuntimeError, match="too many files are corrupt"):
+        next(
+            ip.train_dataset(
+                folder_config(tmp_path, num_classes=1, batch_size=2),
+                process_index=0,
+                process_count=1,
+            )
+        )
+
+
 def test_imagenet2012_code_path_with_mock_data(tmp_path):
     c = get_config()  # the paper's recipe, shrunk
     c.data_dir, c.image_size = str(tmp_path), 32

@@ -482,6 +482,12 @@ def _train_iterator(config, source, aug, start_step, steps, pi, pc, local_batch)
             seen += positions.size
             last = int(positions[-1])
             yield batch
+        if seen < (steps - skip) * local_batch:
+            raise RuntimeError(
+                f"Epoch {epoch}, process {pi}: only {seen} decodable training images for "
+                f"{steps - skip} batches of {local_batch}; too many files are corrupt or "
+                "unreadable (check the data in config.data_dir)."
+            )
         dropped = (last + 1 - skip * local_batch) - seen
         if dropped:
             log.warning(
