@@ -173,9 +173,12 @@ def test_train_is_deterministic_and_resumes_exactly_across_epochs(tfds_dir):
     )
 
 
-def test_missing_fashion_mnist_lists_the_three_ways(tmp_path, monkeypatch):
+@pytest.mark.parametrize("online", [False, True])
+def test_missing_fashion_mnist_lists_the_three_ways(tmp_path, monkeypatch, online):
     monkeypatch.setattr(data_sources, "DEBIAN_FASHION_MNIST_DIR", str(tmp_path / "none"))
     monkeypatch.delenv(data_sources.FASHION_MNIST_ENV, raising=False)
+    # Offline it fails at once (tfds itself would retry for minutes); online, on a failed download.
+    monkeypatch.setattr(data_sources, "_reachable", lambda url: online)
 
     def offline(*args, **kwargs):
         raise ConnectionError("no internet")
