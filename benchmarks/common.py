@@ -61,7 +61,12 @@ class Runner:
     seconds: list[float] = field(default_factory=list)
 
     def images_per_second(self) -> float:
+        """From the median step time: the typical rate under the machine's load."""
         return self.images_per_step / statistics.median(self.seconds)
+
+    def best_images_per_second(self) -> float:
+        """From the fastest repeat: closest to the rate on an idle machine."""
+        return self.images_per_step / min(self.seconds)
 
 
 def measure(runners: Sequence[Runner], steps: int, repeats: int, warmup: int) -> list[float]:
