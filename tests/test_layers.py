@@ -140,3 +140,19 @@ def test_this_session_has_both_flags():
     assert "--xla_force_host_platform_device_count=8" in flags
     if backend._jaxlib_version() in backend.KNOWN_JAXLIB:
         assert backend.cpu_flag_active()
+
+
+def test_bfloat16_keeps_dtype_and_matches():
+    keys = jax.random.split(jax.random.key(5), 2)
+    x = jax.random.normal(keys[0], (2, 2, 2, 64)).astype(jnp.bfloat16)
+    w = (jax.random.normal(keys[1], (3, 3, 64, 8)) * 0.1).astype(jnp.bfloat16)
+    fast, plain = layers.conv2d_matmul(x, w), layers.conv2d_lax(x, w)
+    assert fast.dtype == jnp.bfloat16
+    np.testing.assert_allclose(
+        np.asarray(fast, np.float32), np.asarray(plain, np.float32), rtol=2e-2, atol=2e-2
+    )
+    pooled = layers.max_pool_2x2_reshape(x)
+    assert pooled.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(
+        np.asarray(pooled, np.float32), np.asarray(layers.max_pool_2x2_lax(x), np.float32)
+    )

@@ -117,8 +117,13 @@ def conv2d_matmul(x: Array, kernel: Array, padding: str = "SAME") -> Array:
         raise ValueError(f"A {kh}x{kw} VALID convolution needs inputs of at least that size.")
     views = [x[:, dy : dy + out_h, dx : dx + out_w, :] for dy in range(kh) for dx in range(kw)]
     patches = views[0] if len(views) == 1 else jnp.concatenate(views, axis=-1)
-    out = patches.reshape(-1, kh * kw * cin) @ kernel.reshape(kh * kw * cin, cout)
-    return out.reshape(n, out_h, out_w, cout)
+    # Accumulate in float32 whatever the input dtype, as convolutions do.
+    out = jnp.matmul(
+        patches.reshape(-1, kh * kw * cin),
+        kernel.reshape(kh * kw * cin, cout),
+        preferred_element_type=jnp.float32,
+    )
+    return out.astype(jnp.result_type(x, kernel)).reshape(n, out_h, out_w, cout)
 
 
 def conv2d(x: Array, kernel: Array, padding: str = "SAME", formulation: str | None = None) -> Array:
