@@ -16,6 +16,7 @@ and their ratio, for each implementation.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import time
 from collections.abc import Callable, Sequence
@@ -90,7 +91,7 @@ def torch_runner(net, device, variant: str, mode: str, size: int, batch: int, am
     from benchmarks import torch_peer
 
     cl = variant == "channels_last"
-    net = torch_peer.to_layout(net, cl)
+    net = torch_peer.to_layout(copy.deepcopy(net), cl)  # .to() is in place: one copy each
     channels = net.features[0].in_channels
     x = torch_peer.to_layout(torch.rand((batch, channels, size, size), device=device), cl)
     forward: Callable = net if mode == "crop" else (lambda t: net.score_map(t).mean(dim=(2, 3)))
