@@ -156,3 +156,10 @@ def test_bfloat16_keeps_dtype_and_matches():
     np.testing.assert_array_equal(
         np.asarray(pooled, np.float32), np.asarray(layers.max_pool_2x2_lax(x), np.float32)
     )
+
+
+def test_cpu_flag_skipped_when_an_accelerator_is_the_default(monkeypatch):
+    monkeypatch.setattr(backend, "accelerator_plugin_installed", lambda: True)
+    assert not backend.cpu_flags_wanted({})
+    known = backend._jaxlib_version() in backend.KNOWN_JAXLIB
+    assert backend.cpu_flags_wanted({"JAX_PLATFORMS": "cpu"}) == known

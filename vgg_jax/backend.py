@@ -10,7 +10,9 @@ backend is created (at the first computation, not at `import jax`), so
 * XLA_FLAGS already names `xla_cpu_experimental_ynn_fusion_type` (the user's
   choice wins; nothing is ever overwritten, only appended);
 * VGG_JAX_CPU_FLAGS=0 is set (opt out);
-* JAX_PLATFORMS names platforms without "cpu" (the flag would be useless);
+* JAX_PLATFORMS names platforms without "cpu", or is unset while a GPU/TPU
+  plugin is installed (JAX will then default to the accelerator, and the
+  flag would be useless);
 * the installed jaxlib is not a version the flag was measured with: an
   unknown flag in XLA_FLAGS aborts the process, so it is never guessed.
 """
@@ -36,6 +38,18 @@ def _jaxlib_version() -> tuple[int, ...] | None:
     return tuple(int(p) for p in text.split(".")[:2] if p.isdigit())
 
 
+ACCELERATOR_DISTRIBUTIONS = ("jax-cuda", "jax_cuda", "jax-rocm", "jax_rocm", "libtpu")
+
+
+def accelerator_plugin_installed() -> bool:
+    """Whether a JAX GPU/TPU plugin is installed (then CPU is not the default backend)."""
+    for dist in importlib.metadata.distributions():
+        name = (dist.metadata["Name"] or "").lower()
+        if name.startswith(ACCELERATOR_DISTRIBUTIONS):
+            return True
+    return False
+
+
 def backend_started() -> bool:
     """Whether JAX has already created its backends (then XLA_FLAGS is read already)."""
     if "jax" not in sys.modules:
@@ -56,6 +70,8 @@ def cpu_flags_wanted(environ: os._Environ | dict[str, str] = os.environ) -> bool
         return False
     platforms = environ.get("JAX_PLATFORMS", "")
     if platforms and "cpu" not in platforms.split(","):
+        return False
+    if not platforms and accelerator_plugin_installed():
         return False
     return _jaxlib_version() in KNOWN_JAXLIB
 
