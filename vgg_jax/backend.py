@@ -1,9 +1,10 @@
 """XLA:CPU flags that the library sets before JAX starts its backend.
 
-jaxlib 0.10's default YNN fusions on CPU include convolution kernels whose
-weight-gradient convolutions are very slow (DESIGN.md, the per-layer probe);
-`--xla_cpu_experimental_ynn_fusion_type=individual_dot` turns them off and
-roughly doubles VGG training speed on CPU. XLA reads XLA_FLAGS once, when the
+DESIGN.md's per-layer probe found `--xla_cpu_experimental_ynn_fusion_type=
+individual_dot` roughly doubled VGG training speed on CPU with jaxlib 0.10.2.
+An interleaved A/B on the same 2-core machine later found it neutral (0.91x
+to 1.08x, `benchmarks/flag_ab.py`, benchmarks/RESULTS.md), so treat the flag as
+version- and machine-specific and re-measure. XLA reads XLA_FLAGS once, when the
 backend is created (at the first computation, not at `import jax`), so
 `import vgg_jax` appends the flag then, unless:
 
@@ -84,7 +85,7 @@ def configure_xla_flags(environ: os._Environ | dict[str, str] = os.environ) -> b
     if environ is os.environ and backend_started():
         warnings.warn(
             "vgg_jax was imported after JAX created its backend, so the XLA:CPU flag "
-            f"{YNN_FLAG} has no effect in this process (CPU training about 2x slower). "
+            f"{YNN_FLAG} has no effect in this process. "
             "Import vgg_jax before running any JAX computation, or set XLA_FLAGS yourself.",
             stacklevel=3,
         )
