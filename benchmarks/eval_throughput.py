@@ -111,6 +111,7 @@ def torch_net(name: str, args: argparse.Namespace):
     from benchmarks import torch_peer
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch_peer.configure(device)
     torch.manual_seed(0)
     net = torch_peer.TorchVGG(
         name, args.num_classes, args.width_divisor, args.fc_width, args.image_size, args.channels

@@ -145,6 +145,7 @@ def torch_runner(name: str, args: argparse.Namespace, variant: str) -> common.Ru
     if variant not in ("default", "channels_last"):
         raise ValueError(f"Unknown torch variant {variant!r}; use default or channels_last.")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch_peer.configure(device)
     torch.manual_seed(0)
     net = torch_peer.TorchVGG(
         name,
