@@ -7,6 +7,8 @@ each compile the same training step, then take turns: worker A runs `--steps`
 steps, then B, then A, ... and the medians are compared.
 
     python -m benchmarks.flag_ab --formulation lax --image-size 64 --repeats 7
+
+Other options go to both workers' train_throughput (e.g. --batch 16).
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ def worker(argv: Sequence[str]) -> None:
     args = train_throughput.parse_args(argv)
     runner = train_throughput.jax_runner("A", args, args.formulation)
     runner.run(args.warmup)
-    print(json.dumps({"ready": True, "flag": backend.cpu_flag_active()}), flush=True)
+    ready = {"flag": backend.cpu_flag_active(), "batch": args.batch}
+    print(json.dumps(ready), flush=True)
     for line in sys.stdin:
         steps = int(line)
         start = time.perf_counter()
@@ -62,10 +65,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
         )
         cmd = [sys.executable, "-m", "benchmarks.flag_ab", "--worker"]
         cmd += ["--formulation", args.formulation, "--image-size", str(args.image_size)]
+        cmd += list(rest)  # any train_throughput option, e.g. a smaller --batch
         procs[name] = subprocess.Popen(
             cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
         )
-    flags = {n: json.loads(p.stdout.readline())["flag"] for n, p in procs.items()}
+    ready = {n: json.loads(p.stdout.readline()) for n, p in procs.items()}
+    flags = {n: r["flag"] for n, r in ready.items()}
+    batch = ready["flag"]["batch"]
     seconds: dict[str, list[float]] = {n: [] for n in procs}
     loads = []
     for _ in range(args.repeats):
@@ -82,8 +88,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "formulation": args.formulation,
         "image_size": args.image_size,
         "flag_active": flags,
-        "images_per_s": {n: 64 / statistics.median(s) for n, s in seconds.items()},
-        "images_per_s_best": {n: 64 / min(s) for n, s in seconds.items()},
+        "images_per_s": {n: batch / statistics.median(s) for n, s in seconds.items()},
+        "images_per_s_best": {n: batch / min(s) for n, s in seconds.items()},
         "load_avg": statistics.median(loads),
     }
     result["flag_speedup"] = result["images_per_s"]["flag"] / result["images_per_s"]["no_flag"]

@@ -19,6 +19,7 @@ if str(ROOT) not in sys.path:  # the benchmarks package lives beside vgg_jax
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import eval_throughput, seed_pytorch, torch_peer, train_throughput  # noqa: E402
+from vgg_jax import backend as vgg_backend  # noqa: E402
 from vgg_jax import models  # noqa: E402
 
 TINY = ["--models", "A", "--width-divisor", "16", "--fc-width", "32", "--num-classes", "10"]
@@ -128,3 +129,17 @@ def test_gpu_suite_refuses_without_a_gpu(tmp_path):
     )
     assert proc.returncode == 2, proc.stderr
     assert "cannot see the GPU" in proc.stderr
+
+
+def test_flag_ab_tiny(monkeypatch):
+    from benchmarks import flag_ab
+
+    monkeypatch.chdir(ROOT)  # the workers run `python -m benchmarks.flag_ab`
+    argv = ["--image-size", "32", "--steps", "1", "--repeats", "2"]
+    result = flag_ab.main(argv + ["--width-divisor", "16", "--fc-width", "32", "--batch", "4"])
+    known = vgg_backend._jaxlib_version() in vgg_backend.KNOWN_JAXLIB
+    assert result["flag_active"] == {"flag": known, "no_flag": False}
+    assert set(result["images_per_s"]) == {"flag", "no_flag"}
+    assert result["flag_speedup"] == pytest.approx(
+        result["images_per_s"]["flag"] / result["images_per_s"]["no_flag"]
+    )
