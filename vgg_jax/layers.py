@@ -37,8 +37,8 @@ FORMULATIONS = ("auto", "lax", "fast")
 _formulation = os.environ.get("VGG_JAX_FORMULATION", "auto")
 
 # Maps with at most this many rows and columns go through the shifted-view
-# matmul in the "fast" formulation; larger maps keep XLA's convolution, which is
-# as fast as PyTorch's there (benchmarks/RESULTS.md).
+# matmul in the "fast" formulation; larger maps keep XLA's convolution. Measured
+# at 32 px (benchmarks/RESULTS.md): 4 was no better than 2, 8 was worse.
 SMALL_MAP_MAX = 2
 
 
