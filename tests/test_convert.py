@@ -107,8 +107,9 @@ def torch_reference(name: str, state: dict[str, np.ndarray], x_nhwc: np.ndarray)
     return x.numpy()
 
 
-@pytest.mark.parametrize("name", ["vgg16", "vgg16_bn"])
+@pytest.mark.parametrize("name", ["vgg16_bn"])
 def test_torchvision_full_size_parity(name):
+    """Exact torchvision shapes; the plain variants are covered at reduced width below."""
     state = torchvision_state(name)
     bundle = convert.from_torchvision(state)
     assert bundle.name == name and bundle.options["image_size"] == 224
@@ -312,7 +313,7 @@ def keras_files(request, tmp_path_factory):
     with h5py.File(legacy, "w") as f:  # the layout keras.applications downloads
         legacy_h5_format.save_weights_to_hdf5_group(f, net)
     preprocess = getattr(keras.applications, request.param.lower()).preprocess_input
-    pixels = photos()
+    pixels = photos()[:2]
     want = np.asarray(net.predict(preprocess(pixels.astype(np.float32)), verbose=0))
     del net
     keras.backend.clear_session()
@@ -338,10 +339,11 @@ def test_keras_wrong_model_and_notop(keras_files, tmp_path):
 
     notop = str(tmp_path / "notop.h5")
     with h5py.File(legacy) as src, h5py.File(notop, "w") as dst:
-        names = [n for n in src.attrs["layer_names"] if not n.decode().startswith(("fc", "pred"))]
-        dst.attrs["layer_names"] = names
+        names = convert._attr_names(src, "layer_names")
+        names = [n for n in names if not n.startswith(("fc", "pred"))]
+        dst.attrs["layer_names"] = np.array([n.encode() for n in names])
         for n in names:
-            src.copy(src[n.decode()], dst, n.decode())
+            src.copy(src[n], dst, n)
     with pytest.raises(convert.ConversionError, match="include_top=False"):
         convert.convert_file(notop)
     data = open(legacy, "rb").read(4096)
