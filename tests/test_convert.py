@@ -91,7 +91,9 @@ def torch_reference(name: str, state: dict[str, np.ndarray], x_nhwc: np.ndarray)
         for kernels in spec.stages:
             for k in kernels:
                 _, conv, bn = next(layout)
-                x = F.conv2d(x, t[f"features.{conv}.weight"], t[f"features.{conv}.bias"], padding=k // 2)
+                x = F.conv2d(
+                    x, t[f"features.{conv}.weight"], t[f"features.{conv}.bias"], padding=k // 2
+                )
                 if bn is not None:
                     p = f"features.{bn}."
                     x = F.batch_norm(

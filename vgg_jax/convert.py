@@ -221,7 +221,9 @@ def _torchvision_required_keys(spec: models.VGGSpec) -> list[str]:
     for _, conv, bn in torchvision_layout(spec):
         keys += [f"features.{conv}.weight", f"features.{conv}.bias"]
         if bn is not None:
-            keys += [f"features.{bn}.{s}" for s in ("weight", "bias", "running_mean", "running_var")]
+            keys += [
+                f"features.{bn}.{s}" for s in ("weight", "bias", "running_mean", "running_var")
+            ]
     return keys + [f"classifier.{i}.{s}" for i in (0, 3, 6) for s in ("weight", "bias")]
 
 
@@ -488,8 +490,7 @@ def convert_file(
         raise ConversionError(f"Unknown format {fmt!r}; choose one of {FORMATS}.")
     if fmt != detected:
         raise ConversionError(
-            f"{path} looks like a {detected} file, not {fmt}; drop --format or give the "
-            "right file."
+            f"{path} looks like a {detected} file, not {fmt}; drop --format or give the right file."
         )
     if fmt == "torchvision":
         return from_torchvision(read_torchvision_file(path), model, image_size or 224, path)
