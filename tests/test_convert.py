@@ -96,10 +96,9 @@ def torch_reference(name: str, state: dict[str, np.ndarray], x_nhwc: np.ndarray)
                 )
                 if bn is not None:
                     p = f"features.{bn}."
-                    x = F.batch_norm(
-                        x, t[p + "running_mean"], t[p + "running_var"], t[p + "weight"], t[p + "bias"],
-                        training=False, eps=1e-5,
-                    )  # fmt: skip
+                    stats = t[p + "running_mean"], t[p + "running_var"]
+                    affine = t[p + "weight"], t[p + "bias"]
+                    x = F.batch_norm(x, *stats, *affine, training=False, eps=1e-5)
                 x = F.relu(x)
             x = F.max_pool2d(x, 2, 2)
         x = torch.flatten(F.adaptive_avg_pool2d(x, (7, 7)), 1)
@@ -302,9 +301,8 @@ def test_cli_reports_errors(tmp_path, small_vgg16_file, capsys):
 def keras_files(request, tmp_path_factory):
     """(model name, keras logits on the photos, legacy .h5 path, Keras 3 .weights.h5 path)."""
     keras = pytest.importorskip("keras")
-    from keras.src.legacy.saving import legacy_h5_format
-
     import h5py
+    from keras.src.legacy.saving import legacy_h5_format
 
     keras.utils.set_random_seed(0)
     net = getattr(keras.applications, request.param)(weights=None, classifier_activation=None)
