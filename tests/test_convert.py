@@ -351,3 +351,41 @@ def test_keras_wrong_model_and_notop(keras_files, tmp_path):
     cut.write_bytes(data)
     with pytest.raises(convert.ConversionError, match="truncated"):
         convert.convert_file(str(cut))
+
+
+# ---------------------------------------------------------------------------
+# Adapting converted weights for fine-tuning (greyscale input, another image size)
+
+
+def test_adapt_to_greyscale_folds_the_preprocessing_into_conv1_1():
+    state = torchvision_state("vgg11_bn", width_divisor=16, fc_width=32, num_classes=10)
+    rgb = convert.from_torchvision(state)
+    grey = convert.adapt_bundle(rgb, in_channels=1)
+    assert grey.variables["params"]["features"]["conv1_1"]["kernel"].shape == (3, 3, 1, 4)
+    assert grey.preprocessing == checkpoints.Preprocessing("RGB", 1.0, (0.0,), (1.0,))
+    g = photos(64)[:1].mean(-1, keepdims=True).astype(np.float32) / 255.0
+    from vgg_jax.features import features
+
+    want = features(rgb, None, np.repeat(g, 3, axis=-1), ("conv1_1",))["conv1_1"]
+    got = features(grey, None, g, ("conv1_1",))["conv1_1"]
+    # Equal away from the one-pixel border, where zero padding now means black.
+    np.testing.assert_allclose(got[:, 1:-1, 1:-1], want[:, 1:-1, 1:-1], rtol=1e-4, atol=1e-4)
+    assert not np.allclose(got[:, 0], want[:, 0], atol=1e-3)
+
+
+def test_adapt_image_size_equals_torchvision_at_that_size(tmp_path):
+    state = torchvision_state("vgg13", width_divisor=16, fc_width=32, num_classes=10)
+    src = str(tmp_path / "w.safetensors")
+    convert.write_torchvision_file(state, src)
+    assert convert.main([src, "--to", str(tmp_path / "b224")]) == 0
+    argv = [str(tmp_path / "b224"), "--to", str(tmp_path / "b64"), "--image-size", "64"]
+    assert convert.main(argv + ["--in-channels", "1"]) == 0
+    adapted = checkpoints.load_bundle(tmp_path / "b64")
+    assert adapted.image_size == 64 and adapted.preprocessing.mean == (0.0,)
+    direct = convert.from_torchvision(state, image_size=64)
+    np.testing.assert_allclose(
+        adapted.variables["params"]["fc6"]["kernel"],
+        direct.variables["params"]["fc6"]["kernel"],
+        rtol=1e-6,
+        atol=1e-7,
+    )

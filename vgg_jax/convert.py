@@ -3,6 +3,8 @@
     python -m vgg_jax.convert vgg16-397923af.pth --to weights/vgg16_torchvision
     python -m vgg_jax.convert vgg16_weights_tf_dim_ordering_tf_kernels.h5 --to weights/vgg16_keras
     python -m vgg_jax.convert weights/vgg16_torchvision --export-torchvision vgg16.safetensors
+    python -m vgg_jax.convert weights/vgg16_torchvision --to weights/vgg16_grey64 \
+        --in-channels 1 --image-size 64      # for fine-tuning on greyscale 64x64 images
 
 The result is a model bundle (`vgg_jax.checkpoints`): the variables plus the
 source framework's input preprocessing, so that `predict`, `evaluate`,
@@ -126,10 +128,10 @@ def fold_adaptive_pool(kernel: np.ndarray, window: int) -> np.ndarray:
     linear pool is itself one linear map of the window x window map, so a model
     built for another image_size reproduces torchvision exactly at that size.
     """
-    k = kernel.shape[0]
-    p = _adaptive_pool_matrix(window, k)  # (7, window)
-    folded = np.einsum("ia,jb,ijcf->abcf", p, p, kernel.astype(np.float64))
-    return folded.astype(kernel.dtype)
+    p = _adaptive_pool_matrix(window, kernel.shape[0]).astype(np.float32)  # (7, window)
+    rows = np.tensordot(p, kernel, axes=([0], [0]))  # (window, 7, C, F)
+    folded = np.tensordot(p, rows, axes=([0], [1]))  # (window_w, window_h, C, F)
+    return folded.transpose(1, 0, 2, 3).astype(kernel.dtype)
 
 
 def from_torchvision(
@@ -494,9 +496,62 @@ def convert_file(
         )
     if fmt == "torchvision":
         return from_torchvision(read_torchvision_file(path), model, image_size or 224, path)
-    if image_size not in (None, 224):
-        raise ConversionError("--image-size applies to torchvision weights only.")
-    return from_keras_layers(read_keras_file(path), model, path)
+    bundle = from_keras_layers(read_keras_file(path), model, path)
+    return adapt_bundle(bundle, image_size=image_size) if image_size else bundle
+
+
+# ---------------------------------------------------------------------------
+# Adapting converted weights for fine-tuning on other inputs
+
+
+def adapt_bundle(
+    bundle: ModelBundle, in_channels: int | None = None, image_size: int | None = None
+) -> ModelBundle:
+    """The bundle for greyscale input and/or another training resolution.
+
+    in_channels=1: grey pixels g in [0, 1] stand for the RGB image (g, g, g);
+    the preprocessing (value range, per-channel mean and std) is folded into
+    conv1_1, whose kernel becomes sum_c W_c * range / std_c and whose bias
+    absorbs the means, so the new bundle's preprocessing is the identity on
+    [0, 1] (Fashion-MNIST's config: value_range 1, mean (0,), std (1,)). The
+    result equals the RGB network on (g, g, g) except in conv1_1's one-pixel
+    border, where the zero padding now means black instead of the mean colour.
+
+    image_size: FC1's 7x7 window is refitted to the new last feature map with
+    torchvision's adaptive average pool folded in (`fold_adaptive_pool`):
+    exactly torchvision's behaviour at that size.
+    """
+    variables = _tree_map(np.asarray, bundle.variables)
+    params = variables["params"]
+    preprocessing, options = bundle.preprocessing, dict(bundle.options)
+    metadata = dict(bundle.metadata)
+    if in_channels is not None:
+        if in_channels != 1:
+            raise ConversionError(f"in_channels must be 1 (greyscale), got {in_channels}.")
+        conv = params["features"]["conv1_1"]
+        kernel = conv["kernel"].astype(np.float64)  # (k, k, C, out)
+        if kernel.shape[2] != 3:
+            raise ConversionError(f"conv1_1 has {kernel.shape[2]} input channels, expected 3.")
+        std = np.asarray(preprocessing.std, np.float64)
+        mean = np.asarray(preprocessing.mean, np.float64)
+        scaled = kernel / std[None, None, :, None]
+        conv["kernel"] = (scaled.sum(2, keepdims=True) * preprocessing.value_range).astype(
+            np.float32
+        )
+        conv["bias"] = (conv["bias"] - np.einsum("hwco,c->o", scaled, mean)).astype(np.float32)
+        preprocessing = Preprocessing("RGB", 1.0, (0.0,), (1.0,))
+        metadata["adapted_in_channels"] = 1
+    if image_size is not None and image_size != bundle.image_size:
+        window = models.feature_map_size(image_size)
+        if window < 1:
+            raise ConversionError(f"image_size {image_size} is below VGG's minimum of 32.")
+        params["fc6"]["kernel"] = fold_adaptive_pool(params["fc6"]["kernel"], window)
+        options["image_size"] = int(image_size)
+        metadata["adapted_image_size"] = int(image_size)
+    source = metadata.get("source", bundle.name)
+    return _make_bundle(
+        bundle.name, variables, options["image_size"], preprocessing, metadata, source, options
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -510,11 +565,14 @@ def _make_bundle(
     preprocessing: Preprocessing,
     metadata: dict[str, Any],
     source: str,
+    base_options: Mapping[str, Any] | None = None,
 ) -> ModelBundle:
+    """Checks the variables against the model their shapes describe and wraps them."""
     params = variables["params"]
     conv1 = params["features"]["conv1_1"]["kernel"]
     width_divisor = models.STAGE_WIDTHS[0] // conv1.shape[-1]
-    options = {
+    options = dict(base_options or {})
+    options |= {
         "num_classes": int(params["fc8"]["kernel"].shape[-1]),
         "width_divisor": int(width_divisor),
         "fc_width": int(params["fc7"]["kernel"].shape[-1]),
@@ -564,6 +622,13 @@ def main(argv: list[str] | None = None) -> int:
         "into FC1 (default 224)",
     )
     parser.add_argument(
+        "--in-channels",
+        type=int,
+        choices=(1,),
+        help="1: fold the preprocessing into conv1_1 for greyscale input in [0, 1] (fine-tuning "
+        "on greyscale data such as Fashion-MNIST)",
+    )
+    parser.add_argument(
         "--export-torchvision",
         metavar="OUT",
         help="export the bundle SRC to a torchvision state dict (.safetensors or .pth)",
@@ -577,14 +642,20 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not args.to:
             parser.error("give --to OUT_BUNDLE (or --export-torchvision OUT)")
-        bundle = convert_file(args.src, args.format, args.model, args.image_size)
+        if checkpoints.is_bundle(args.src):
+            bundle = checkpoints.load_bundle(args.src)
+            bundle = adapt_bundle(bundle, args.in_channels, args.image_size)
+        else:
+            bundle = convert_file(args.src, args.format, args.model, args.image_size)
+            if args.in_channels:
+                bundle = adapt_bundle(bundle, args.in_channels)
         checkpoints.save_bundle(args.to, bundle)
     except (ConversionError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     p = bundle.preprocessing
     print(
-        f"Converted {bundle.name} ({bundle.metadata['source_format']}, image_size "
+        f"Converted {bundle.name} ({bundle.metadata.get('source_format', 'bundle')}, image_size "
         f"{bundle.image_size}, {bundle.num_classes} classes) to {args.to}; preprocessing "
         f"{p.channel_order}, x*{p.value_range:g} - {p.mean}, / {p.std}"
     )
