@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import skimage.data
 from PIL import Image
+from weights_util import random_variables
 
 from vgg_jax import checkpoints, convert, models
 
@@ -169,14 +170,7 @@ def test_dense_fc1_equals_window_conv_at_224():
 def tiny_bundle(name: str, image_size: int = 32) -> checkpoints.ModelBundle:
     options = dict(num_classes=10, width_divisor=16, fc_width=32, image_size=image_size)
     model = models.create_model(name, **options)
-    variables = model.init(jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)))
-    variables = jax.tree.map(np.asarray, dict(variables))
-    if "batch_stats" in variables:  # non-trivial statistics, so a mix-up would show
-        rng = np.random.default_rng(0)
-        variables["batch_stats"] = jax.tree.map(
-            lambda a: rng.uniform(0.5, 1.5, a.shape).astype(np.float32), variables["batch_stats"]
-        )
-    return checkpoints.ModelBundle(name, options, variables)
+    return checkpoints.ModelBundle(name, options, random_variables(model))
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
