@@ -49,7 +49,12 @@ def top5(x: np.ndarray) -> np.ndarray:
 
 
 def torchvision_state(
-    name: str, width_divisor: int = 1, fc_width: int = 4096, num_classes: int = 1000, seed: int = 0
+    name: str,
+    width_divisor: int = 1,
+    fc_width: int = 4096,
+    num_classes: int = 1000,
+    seed: int = 0,
+    zeros: bool = False,
 ) -> dict[str, np.ndarray]:
     """A random state dict with torchvision's keys and (for width_divisor=1) exact shapes."""
     rng = np.random.default_rng(seed)
@@ -57,6 +62,8 @@ def torchvision_state(
     state, cin = {}, 3
 
     def he(shape, fan_in):
+        if zeros:  # shapes only, allocated lazily
+            return np.zeros(shape, np.float32)
         return (rng.standard_normal(shape, np.float32) * np.sqrt(2.0 / fan_in)).astype(np.float32)
 
     layout = iter(convert.torchvision_layout(spec))
@@ -383,3 +390,34 @@ def test_adapt_image_size_equals_torchvision_at_that_size(tmp_path):
         rtol=1e-6,
         atol=1e-7,
     )
+
+
+def test_finetune_config_fits_an_adapted_bundle():
+    """configs/finetune_fashion_mnist.py's model accepts the bundle its docstring makes."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ft", "configs/finetune_fashion_mnist.py")
+    ft = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ft)
+    spec = importlib.util.spec_from_file_location("default", "configs/default.py")
+    default = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(default)
+    bundle = convert.from_torchvision(torchvision_state("vgg16", zeros=True))
+    for variant in ft.VARIANTS:
+        config = ft.get_config(variant)
+        assert set(config.keys()) <= set(default.get_config().keys())
+        adapted = convert.adapt_bundle(bundle, in_channels=1, image_size=config.image_size)
+        model = models.create_model(
+            config.model,
+            num_classes=1000,  # the bundle's head; the trainer re-initialises fc8
+            width_divisor=config.width_divisor,
+            fc_width=config.fc_width,
+            image_size=config.image_size,
+        )
+        checkpoints.check_variables(model, adapted.variables, channels=1)
+        p = adapted.preprocessing
+        assert (p.value_range, p.mean, p.std) == (
+            config.value_range,
+            tuple(config.mean_rgb),
+            tuple(config.std_rgb),
+        )
