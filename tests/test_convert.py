@@ -421,3 +421,39 @@ def test_finetune_config_fits_an_adapted_bundle():
             tuple(config.mean_rgb),
             tuple(config.std_rgb),
         )
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_keras2_cached_layout_with_tensor_suffixes(tmp_path, wrapped):
+    """The file keras.applications downloads was written by Keras 2: 'kernel:0' names.
+
+    `wrapped`: a whole-model .h5 (model.save) keeps the same groups under 'model_weights'.
+    """
+    import h5py
+
+    source = tiny_bundle("vgg19", 224)
+    params = source.variables["params"]
+    names = models.conv_layer_names(models.get_spec("vgg19"))
+    keras_names = [f"block{n[4]}_conv{n[6]}" for n in names] + ["fc1", "fc2", "predictions"]
+    arrays = [params["features"][n] for n in names] + [
+        {"kernel": params["fc6"]["kernel"].reshape(-1, 32), "bias": params["fc6"]["bias"]},
+        params["fc7"],
+        params["fc8"],
+    ]
+    path = str(tmp_path / "keras2.h5")
+    with h5py.File(path, "w") as f:
+        root = f.create_group("model_weights") if wrapped else f
+        root.attrs["layer_names"] = np.array([b"input_1"] + [n.encode() for n in keras_names])
+        root.create_group("input_1").attrs["weight_names"] = np.array([], dtype="S1")
+        for name, layer in zip(keras_names, arrays, strict=True):
+            g = root.create_group(name)
+            g.attrs["weight_names"] = np.array(
+                [f"{name}/kernel:0".encode(), f"{name}/bias:0".encode()]
+            )
+            g.create_dataset(f"{name}/kernel:0", data=layer["kernel"])
+            g.create_dataset(f"{name}/bias:0", data=layer["bias"])
+    bundle = convert.convert_file(path, model="vgg19")
+    want, got = checkpoints._flatten(source.variables), checkpoints._flatten(bundle.variables)
+    assert set(got) == set(want)
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)

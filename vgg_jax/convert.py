@@ -151,11 +151,9 @@ def from_torchvision(
     if model is not None and models.get_spec(model).name != detected:
         want = models.get_spec(model)
         raise ConversionError(
-            f"{source} holds a {detected} (its layer list has "
-            f"{len(torchvision_layout(models.get_spec(detected)))} convolutions"
-            f"{', batch norm' if want.batch_norm != ('bn' in detected) else ''}), "
-            f"not a {want.name} ({len(torchvision_layout(want))} convolutions). "
-            f"Pass --model {detected} or the file for {want.name}."
+            f"{source} holds a {detected} ({_describe(models.get_spec(detected))}), not a "
+            f"{want.name} ({_describe(want)}). Pass --model {detected} or the file for "
+            f"{want.name}."
         )
     spec = models.get_spec(detected)
     required = _torchvision_required_keys(spec)
@@ -216,6 +214,11 @@ def from_torchvision(
         {"source_format": "torchvision", "source": source},
         source,
     )
+
+
+def _describe(spec: models.VGGSpec) -> str:
+    convs = len(models.conv_layer_names(spec))
+    return f"{convs} conv layers, {'with' if spec.batch_norm else 'no'} batch norm"
 
 
 def _torchvision_required_keys(spec: models.VGGSpec) -> list[str]:
@@ -650,7 +653,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.in_channels:
                 bundle = adapt_bundle(bundle, args.in_channels)
         checkpoints.save_bundle(args.to, bundle)
-    except (ConversionError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # ConversionError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
     p = bundle.preprocessing
