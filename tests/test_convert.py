@@ -19,6 +19,8 @@ from weights_util import random_variables
 from vgg_jax import checkpoints, convert, models
 
 torch = pytest.importorskip("torch", reason="parity tests need the `torch` extra")
+# Keras's TensorFlow backend converts with np.array(x, copy=False) on every predict.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 F = torch.nn.functional
 
 
@@ -122,7 +124,7 @@ def test_torchvision_full_size_parity(name):
     state = torchvision_state(name)
     bundle = convert.from_torchvision(state)
     assert bundle.name == name and bundle.options["image_size"] == 224
-    pixels = photos()[:2]
+    pixels = photos()[:1]
     x = np.asarray(bundle.preprocessing(pixels.astype(np.float32) / 255.0))
     want = torch_reference(name, state, x)
     got = logits(bundle, pixels)
@@ -193,6 +195,17 @@ def test_export_import_round_trip_is_exact(tmp_path, name, image_size, suffix):
     assert set(got) == set(want)
     for key in want:
         np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def test_legacy_torch_format_as_torchvision_downloads_it(tmp_path):
+    """torchvision's VGG files predate the zip format: torch.save's legacy layout."""
+    state = torchvision_state("vgg11_bn", width_divisor=16, fc_width=32, num_classes=10)
+    path = str(tmp_path / "vgg11_bn-8a4c8b4a.pth")
+    tensors = {k: torch.from_numpy(v) for k, v in state.items()}
+    torch.save(tensors, path, _use_new_zipfile_serialization=False)
+    bundle = convert.convert_file(path)
+    back = convert.to_torchvision(bundle)
+    np.testing.assert_array_equal(back["features.5.running_var"], state["features.5.running_var"])
 
 
 def test_exported_pth_loads_with_weights_only(tmp_path):

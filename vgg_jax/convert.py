@@ -60,6 +60,9 @@ FORMATS = ("torchvision", "keras")
 
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 _ZIP_MAGIC = b"PK\x03\x04"
+# torch.save's legacy (pre-1.6) format, which torchvision's VGG downloads still use:
+# a pickled magic number, read safely by torch.load(weights_only=True).
+_LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 
 
 class ConversionError(ValueError):
@@ -415,12 +418,11 @@ def sniff_format(path: str) -> str:
         head = f.read(16)
     if head.startswith(_HDF5_MAGIC):
         return "keras"
-    if head.startswith(_ZIP_MAGIC) or _looks_like_safetensors(head):
+    if head.startswith((_ZIP_MAGIC, _LEGACY_TORCH_MAGIC)) or _looks_like_safetensors(head):
         return "torchvision"
     raise ConversionError(
         f"{path} is not a weights file vgg_jax reads: not HDF5 (Keras .h5), not safetensors "
-        "and not a PyTorch zip checkpoint (.pth from torch.save). Legacy non-zip .pth files "
-        "can be re-saved with torch.save in a current PyTorch, or converted to safetensors."
+        "and not a PyTorch checkpoint (.pth from torch.save)."
     )
 
 
