@@ -140,14 +140,15 @@ def fold_adaptive_pool(kernel: np.ndarray, window: int) -> np.ndarray:
 def from_torchvision(
     state: Mapping[str, Any],
     model: str | None = None,
-    image_size: int = 224,
+    image_size: int | None = None,
     source: str = "the state dict",
 ) -> ModelBundle:
     """A bundle from a torchvision VGG state dict (arrays or tensors).
 
     `model` ('vgg16', 'vgg16_bn', ...) is checked against the keys; None detects
-    it. `image_size` other than 224 folds torchvision's 7x7 adaptive pool into
-    FC1 (`fold_adaptive_pool`), so the model equals torchvision at that size.
+    it. `image_size` defaults to the file's own (224 for torchvision's 7x7 FC1);
+    another size folds torchvision's 7x7 adaptive pool into FC1
+    (`fold_adaptive_pool`), so the model equals torchvision at that size.
     """
     state = {k: _to_numpy(v) for k, v in state.items()}
     detected = detect_torchvision_model(state)
@@ -159,64 +160,76 @@ def from_torchvision(
             f"{want.name}."
         )
     spec = models.get_spec(detected)
-    required = _torchvision_required_keys(spec)
-    missing = [k for k in required if k not in state]
+    missing = [k for k in _torchvision_required_keys(spec) if k not in state]
     if missing:
         raise ConversionError(
             f"{source} is missing {len(missing)} of the {spec.name} keys, for example "
             f"{missing[:4]}. The file is incomplete or not a torchvision {spec.name} state dict."
         )
-    params: dict[str, Any] = {"features": {}}
-    stats: dict[str, Any] = {"features": {}}
+    features, stats = _torchvision_features(state, spec)
+    channels = features[torchvision_layout(spec)[-1][0]]["kernel"].shape[-1]
+    fc6, image_size = _torchvision_fc6(state["classifier.0.weight"], channels, image_size, source)
+    params = {
+        "features": features,
+        "fc6": {"kernel": fc6, "bias": state["classifier.0.bias"]},
+        "fc7": {"kernel": state["classifier.3.weight"].T, "bias": state["classifier.3.bias"]},
+        "fc8": {"kernel": state["classifier.6.weight"].T, "bias": state["classifier.6.bias"]},
+    }
+    variables = {"params": params}
+    if spec.batch_norm:
+        variables["batch_stats"] = {"features": stats}
+    metadata = {"source_format": "torchvision", "source": source}
+    return _make_bundle(
+        spec.name, variables, image_size, TORCHVISION_PREPROCESSING, metadata, source
+    )
+
+
+def _torchvision_features(
+    state: Mapping[str, np.ndarray], spec: models.VGGSpec
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(conv and BN params, BN running statistics) of the `features` stages."""
+    params, stats = {}, {}
     for name, conv, bn in torchvision_layout(spec):
-        params["features"][name] = {
-            "kernel": state[f"features.{conv}.weight"].transpose(2, 3, 1, 0),
+        params[name] = {
+            "kernel": state[f"features.{conv}.weight"].transpose(2, 3, 1, 0),  # -> h, w, in, out
             "bias": state[f"features.{conv}.bias"],
         }
         if bn is not None:
             bn_name = "bn" + name[4:]
-            params["features"][bn_name] = {
+            params[bn_name] = {
                 "scale": state[f"features.{bn}.weight"],
                 "bias": state[f"features.{bn}.bias"],
             }
-            stats["features"][bn_name] = {
+            stats[bn_name] = {
                 "mean": state[f"features.{bn}.running_mean"],
                 "var": state[f"features.{bn}.running_var"],
             }
-    last_conv = params["features"][torchvision_layout(spec)[-1][0]]["kernel"]
-    fc6 = state["classifier.0.weight"]
-    channels = last_conv.shape[-1]
-    window = math.isqrt(fc6.shape[1] // channels)
-    if window * window * channels != fc6.shape[1]:
+    return params, stats
+
+
+def _torchvision_fc6(
+    weight: np.ndarray, channels: int, image_size: int | None, source: str
+) -> tuple[np.ndarray, int]:
+    """(FC1 as a (k, k, C, F) window kernel, image_size) from classifier.0.weight (F, C*k*k)."""
+    window = math.isqrt(weight.shape[1] // channels)
+    if window * window * channels != weight.shape[1]:
         raise ConversionError(
-            f"{source}: classifier.0.weight has shape {fc6.shape}; its input size "
-            f"{fc6.shape[1]} is not k*k*{channels} (the last conv layer's channels)."
+            f"{source}: classifier.0.weight has shape {weight.shape}; its input size "
+            f"{weight.shape[1]} is not k*k*{channels} (the last conv layer's channels)."
         )
     # Channel-major flatten (c, h, w) -> the (h, w, c, out) window kernel.
-    fc6_kernel = fc6.reshape(-1, channels, window, window).transpose(2, 3, 1, 0)
-    target_window = models.feature_map_size(image_size)
-    if target_window != window:
+    kernel = weight.reshape(-1, channels, window, window).transpose(2, 3, 1, 0)
+    image_size = image_size or window * 2**models.NUM_STAGES
+    target = models.feature_map_size(image_size)
+    if target != window:
         if window != TORCHVISION_POOL:
             raise ConversionError(
                 f"{source} has a {window}x{window} FC1 window (image_size "
                 f"{window * 32}); only torchvision's 7x7 can be refitted to image_size "
-                f"{image_size}. Convert with --image-size {window * 32}."
+                f"{image_size}. Convert without --image-size."
             )
-        fc6_kernel = fold_adaptive_pool(fc6_kernel, target_window)
-    params["fc6"] = {"kernel": fc6_kernel, "bias": state["classifier.0.bias"]}
-    params["fc7"] = {"kernel": state["classifier.3.weight"].T, "bias": state["classifier.3.bias"]}
-    params["fc8"] = {"kernel": state["classifier.6.weight"].T, "bias": state["classifier.6.bias"]}
-    variables = {"params": params}
-    if spec.batch_norm:
-        variables["batch_stats"] = stats
-    return _make_bundle(
-        spec.name,
-        variables,
-        image_size,
-        TORCHVISION_PREPROCESSING,
-        {"source_format": "torchvision", "source": source},
-        source,
-    )
+        kernel = fold_adaptive_pool(kernel, target)
+    return kernel, image_size
 
 
 def _describe(spec: models.VGGSpec) -> str:
@@ -500,7 +513,7 @@ def convert_file(
             f"{path} looks like a {detected} file, not {fmt}; drop --format or give the right file."
         )
     if fmt == "torchvision":
-        return from_torchvision(read_torchvision_file(path), model, image_size or 224, path)
+        return from_torchvision(read_torchvision_file(path), model, image_size, path)
     bundle = from_keras_layers(read_keras_file(path), model, path)
     return adapt_bundle(bundle, image_size=image_size) if image_size else bundle
 
