@@ -119,3 +119,15 @@ def test_dense_uses_the_evaluation_modules_dense_evaluator(image_files, tmp_path
     assert top[0][:2] == (281, "tabby") and top[0][2] == 1.0
     assert seen["scales"] == [256, 384, 512] and seen["flip"] is True
     assert seen["preprocess"] == bundle.preprocessing and seen["shapes"] == [(300, 451, 3)]
+
+
+def test_predict_with_a_greyscale_bundle(image_files, tmp_path):
+    """A bundle adapted with --in-channels 1 classifies the image in grey, like its RGB source."""
+    _, bundle_dir = tiny_torchvision_bundle(tmp_path)
+    rgb = checkpoints.load_bundle(bundle_dir)
+    grey = convert.adapt_bundle(rgb, in_channels=1)
+    got = predict.predict(grey, [image_files["grey"]], top=3)[0]
+    want = predict.predict(rgb, [image_files["grey"]], top=3)[0]
+    # Equal up to conv1_1's border (zero padding now means black): same winner, close odds.
+    assert got[0][0] == want[0][0]
+    np.testing.assert_allclose(got[0][2], want[0][2], rtol=0.05)

@@ -48,7 +48,8 @@ def load_image(path: str) -> np.ndarray:
 def central_crop(image: Image.Image | np.ndarray, image_size: int = 224) -> np.ndarray:
     """Smallest side to image_size * 256 / 224 (bilinear), then the central square; [0, 1]."""
     if isinstance(image, np.ndarray):
-        image = Image.fromarray(np.uint8(np.clip(image, 0, 1) * 255 + 0.5))
+        pixels = np.uint8(np.clip(image, 0, 1) * 255 + 0.5)
+        image = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
     side = round(image_size * 256 / 224)
     w, h = image.size
     scale = side / min(w, h)
@@ -56,7 +57,8 @@ def central_crop(image: Image.Image | np.ndarray, image_size: int = 224) -> np.n
     image = image.resize(size, Image.BILINEAR)
     left, top = (size[0] - image_size) // 2, (size[1] - image_size) // 2
     image = image.crop((left, top, left + image_size, top + image_size))
-    return np.asarray(image, np.float32) / 255.0
+    pixels = np.asarray(image, np.float32) / 255.0
+    return pixels[..., None] if pixels.ndim == 2 else pixels
 
 
 def class_names(bundle: ModelBundle) -> list[str]:
@@ -111,11 +113,18 @@ def predict(
     top: int = 5,
     scales: Sequence[int] | None = None,
 ) -> list[list[tuple[int, str, float]]]:
-    """Top classes per image file: single central crop, or dense multi-scale."""
+    """Top classes per image file: single central crop, or dense multi-scale.
+
+    Bundles adapted to greyscale (`convert --in-channels 1`) get the images in grey.
+    """
+    grey = np.shape(bundle.variables["params"]["features"]["conv1_1"]["kernel"])[2] == 1
+    images = [open_image(p).convert("L") if grey else open_image(p) for p in paths]
     if dense:
-        probs = dense_probabilities(bundle, [load_image(p) for p in paths], scales)
+        pixels = [np.asarray(im, np.float32) / 255.0 for im in images]
+        pixels = [p[..., None] if p.ndim == 2 else p for p in pixels]
+        probs = dense_probabilities(bundle, pixels, scales)
     else:
-        crops = np.stack([central_crop(open_image(p), bundle.image_size) for p in paths])
+        crops = np.stack([central_crop(im, bundle.image_size) for im in images])
         probs = single_crop_probabilities(bundle, crops)
     names = class_names(bundle)
     return [top_k(p, names, top) for p in probs]
