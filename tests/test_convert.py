@@ -124,6 +124,7 @@ def test_torchvision_full_size_parity(name):
     state = torchvision_state(name)
     bundle = convert.from_torchvision(state)
     assert bundle.name == name and bundle.options["image_size"] == 224
+    assert bundle.metadata["class_names"][281] == "tabby"  # for score_map, predict, ...
     pixels = photos()[:1]
     x = np.asarray(bundle.preprocessing(pixels.astype(np.float32) / 255.0))
     want = torch_reference(name, state, x)

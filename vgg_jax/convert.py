@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from vgg_jax import checkpoints, models
+from vgg_jax import checkpoints, imagenet_classes, models
 from vgg_jax.checkpoints import ModelBundle, Preprocessing
 
 TORCHVISION_PREPROCESSING = Preprocessing(
@@ -600,6 +600,13 @@ def _make_bundle(
         k: _tree_map(lambda a: np.ascontiguousarray(a, dtype=np.float32), v)
         for k, v in variables.items()
     }
+    if (
+        options["num_classes"] == len(imagenet_classes.CLASSES)
+        and metadata.get("source_format") in FORMATS
+    ):
+        # ImageNet weights: name the classes for every tool that reads the bundle.
+        metadata = dict(metadata)
+        metadata.setdefault("class_names", [imagenet_classes.class_name(i) for i in range(1000)])
     bundle = ModelBundle(name, options, variables, preprocessing, metadata)
     try:
         checkpoints.check_variables(bundle.model, variables, channels=None, source=source)
