@@ -261,7 +261,10 @@ def state_manager(workdir: str, keep: int = 3, read_only: bool = False) -> ocp.C
     return ocp.CheckpointManager(
         os.path.join(os.path.abspath(workdir), STATE_DIR),
         options=options,
-        item_names=("state", "meta"),
+        item_handlers={
+            "state": ocp.StandardCheckpointHandler(),
+            "meta": ocp.JsonCheckpointHandler(),
+        },
     )
 
 
@@ -278,7 +281,7 @@ def best_manager(workdir: str, read_only: bool = False) -> ocp.CheckpointManager
     return ocp.CheckpointManager(
         os.path.join(os.path.abspath(workdir), BEST_DIR),
         options=options,
-        item_names=("variables",),
+        item_handlers={"variables": ocp.StandardCheckpointHandler()},
     )
 
 

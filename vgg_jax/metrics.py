@@ -50,10 +50,9 @@ class ProgressBar:
         self.stream.flush()
 
     def message(self, text: str) -> None:
-        """A line of its own (evaluation results, notices) that the bar does not overwrite."""
-        if self.enabled:
-            self.stream.write(("\n" if self.tty else "") + text + "\n")
-            self.stream.flush()
+        """A line of its own (evaluation results, notices), shown even with the bar off."""
+        self.stream.write(("\n" if self.tty and self.enabled else "") + text + "\n")
+        self.stream.flush()
 
 
 def _duration(seconds: float) -> str:
