@@ -204,6 +204,12 @@ def init_state(config, model, channels: int, steps_per_epoch: int) -> TrainState
 
 def load_init_source(path: str) -> checkpoints.ModelBundle:
     """A model bundle, or a training run's best (else latest) variables."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"config.init_from={path!r} does not exist. Train the previous stage there first "
+            "(the :384 and :jitter variants start from the :256 and :384 runs, see "
+            "configs/paper.py), or point --config.init_from at a run or model bundle."
+        )
     if checkpoints.is_bundle(path):
         return checkpoints.load_bundle(path)
     return checkpoints.load_workdir(path, "best")
@@ -772,6 +778,7 @@ def main(argv: list[str]) -> None:
     from absl import logging as absl_logging
 
     del argv
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before the input pipeline imports TF
     config = flags.FLAGS.config
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file it writes at INFO
     use_compilation_cache()
