@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -46,6 +47,22 @@ def _fake_input(monkeypatch):
     monkeypatch.setattr(fake_data, "NAN_AT_STEP", -1)
 
 
+@pytest.fixture(scope="module")
+def dp8_run(tmp_path_factory):
+    """The tiny default run (4 steps, 8 devices), shared: tests copy it before changing it."""
+    workdir = tmp_path_factory.mktemp("dp8")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "_data", lambda: fake_data)
+        mp.setattr(train, "input_channels", lambda config: fake_data.CHANNELS)
+        _train(workdir)
+    return workdir
+
+
+def _copy(run, tmp_path):
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run"
+
+
 def _train(workdir, **overrides):
     return train.train_and_evaluate(fake_data.tiny_config(**overrides), str(workdir))
 
@@ -77,16 +94,15 @@ def _assert_trees_equal(a, b):
 # Devices and sharding.
 
 
-def test_one_and_eight_devices_agree(tmp_path):
+def test_one_and_eight_devices_agree(tmp_path, dp8_run):
     assert len(jax.devices()) == 8, "conftest should provide 8 CPU devices"
     _train(tmp_path / "one", num_devices=1)
-    _train(tmp_path / "eight", num_devices=0)
-    np.testing.assert_allclose(_losses(tmp_path / "one"), _losses(tmp_path / "eight"), rtol=1e-5)
+    np.testing.assert_allclose(_losses(tmp_path / "one"), _losses(dp8_run), rtol=1e-5)
     assert len(_losses(tmp_path / "one")) == 4
-    _assert_trees_close(_params(tmp_path / "one"), _params(tmp_path / "eight"))
+    _assert_trees_close(_params(tmp_path / "one"), _params(dp8_run))
 
 
-def test_model_axis_shards_fc_and_gives_same_numbers(tmp_path):
+def test_model_axis_shards_fc_and_gives_same_numbers(tmp_path, dp8_run):
     config = fake_data.tiny_config(mesh_model_axis=2)
     mesh = parallel.create_mesh(config)
     assert dict(mesh.shape) == {"data": 4, "model": 2}
@@ -98,10 +114,9 @@ def test_model_axis_shards_fc_and_gives_same_numbers(tmp_path):
     )
     assert shardings.params["fc7"]["kernel"].spec == jax.sharding.PartitionSpec("model", None)
     assert shardings.opt_state[1].trace["fc6"]["kernel"].spec[-1] == "model"
-    _train(tmp_path / "dp")
     _train(tmp_path / "mp", mesh_model_axis=2)
-    np.testing.assert_allclose(_losses(tmp_path / "dp"), _losses(tmp_path / "mp"), rtol=1e-5)
-    _assert_trees_close(_params(tmp_path / "dp"), _params(tmp_path / "mp"))
+    np.testing.assert_allclose(_losses(dp8_run), _losses(tmp_path / "mp"), rtol=1e-5)
+    _assert_trees_close(_params(dp8_run), _params(tmp_path / "mp"))
 
 
 def test_batch_that_does_not_divide_the_data_axis_is_refused(tmp_path):
@@ -190,35 +205,33 @@ def test_paper_a_init_copies_four_convs_and_fc_and_reinits_head(tmp_path):
     assert any("re-initialised" in s for s in said)
 
 
-def test_init_from_workdir_same_mode(tmp_path):
-    _train(tmp_path / "a")
-    _train(tmp_path / "b", init_from=str(tmp_path / "a"), max_steps=1, learning_rate=1e-9)
-    _assert_trees_close(_params(tmp_path / "a", "best"), _params(tmp_path / "b"), rtol=1e-4)
+def test_init_from_workdir_same_mode(tmp_path, dp8_run):
+    _train(tmp_path / "b", init_from=str(dp8_run), max_steps=1, learning_rate=1e-9)
+    _assert_trees_close(_params(dp8_run, "best"), _params(tmp_path / "b"), rtol=1e-4)
 
 
 # ---------------------------------------------------------------------------
 # Checkpoints, resume and faults.
 
 
-def test_finished_run_is_not_overwritten_and_tmp_checkpoint_is_ignored(tmp_path):
-    first = _train(tmp_path, max_steps=2)
-    assert first["complete"]
+def test_finished_run_is_not_overwritten_and_tmp_checkpoint_is_ignored(tmp_path, dp8_run):
+    run = _copy(dp8_run, tmp_path)
     # A half-written checkpoint of a later step, as a crash during saving leaves it.
-    tmp = tmp_path / "checkpoints" / "8.orbax-checkpoint-tmp-123"
+    tmp = run / "checkpoints" / "12.orbax-checkpoint-tmp-123"
     tmp.mkdir()
     (tmp / "junk").write_text("half written")
-    records = metrics.read_metrics(str(tmp_path))
-    again = _train(tmp_path, max_steps=2)
-    assert again["complete"] and again["step"] == 2
-    assert metrics.read_metrics(str(tmp_path)) == records
-    resumed = _train(tmp_path, max_steps=4)  # more steps: resumes from 2, not from 8
-    assert resumed["step"] == 4
-    steps = [r["step"] for r in metrics.read_metrics(str(tmp_path)) if "train_loss" in r]
-    assert steps == [1, 2, 3, 4]
+    records = metrics.read_metrics(str(run))
+    again = _train(run)
+    assert again["complete"] and again["step"] == 4
+    assert metrics.read_metrics(str(run)) == records
+    resumed = _train(run, max_steps=6)  # more steps: resumes from 4, not from 12
+    assert resumed["step"] == 6
+    steps = [r["step"] for r in metrics.read_metrics(str(run)) if "train_loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
 
 
-def test_checkpoint_of_another_model_is_refused(tmp_path):
-    _train(tmp_path, max_steps=2)
+def test_checkpoint_of_another_model_is_refused(tmp_path, dp8_run):
+    tmp_path = _copy(dp8_run, tmp_path)
     with pytest.raises(ValueError, match=r"conv1_2"):
         _train(tmp_path, model="vgg13", max_steps=4)
     with pytest.raises(ValueError, match=r"params/fc6/.* has shape \(32,?\)"):
@@ -321,8 +334,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one(tmp_path):
-    run = dict(num_devices=0, max_steps=3)
+def test_two_processes_match_one(tmp_path, dp8_run):
+    run = dict(num_devices=0, max_steps=4)
     port = _free_port()
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     procs = [
