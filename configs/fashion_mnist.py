@@ -59,14 +59,13 @@ def get_config(variant=None):
     c.checkpoint_every_steps = 500
 
     if variant == "quick":
+        # Only the resolution and the epoch count change. Measured (benchmarks/RESULTS.md):
+        # lr 0.02 and 0.05 at batch 128 let this plain 11-layer net collapse to a constant
+        # output within the first epoch at 32x32; the seed's lr 0.01 at batch 64 is kept.
         c.image_size = c.train_scale_min = c.train_scale_max = c.eval_scale = 32
-        c.batch_size = 128
         c.eval_batch_size = 1000
-        c.num_epochs = 4
-        c.learning_rate = 0.02
-        c.step_epochs = 1
-        c.step_factor = 0.7
-        c.checkpoint_every_steps = 200
+        c.num_epochs = 3
+        c.checkpoint_every_steps = 300
     elif variant == "d2l":
         c.learning_rate = 0.05
         c.batch_size = 128
