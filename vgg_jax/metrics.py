@@ -123,21 +123,29 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
 
 
 def per_epoch(records: list[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
-    """(epoch, value) series: the last training figures logged in each epoch, every evaluation.
+    """(epoch, value) series, one point per epoch as the seed plots them.
 
-    A resumed run may log a step twice; the later record wins.
+    Training figures are averaged over the epoch's logged intervals; the test
+    accuracy is the evaluation at the epoch's end. A resumed run may log a step
+    twice; the later record wins.
     """
     by_step: dict[int, dict[str, Any]] = {}
     for r in records:
         by_step.setdefault(r["step"], {}).update(r)
-    series: dict[str, dict[int, tuple[float, float]]] = {}
+    sums: dict[str, dict[int, list[float]]] = {}
     for step in sorted(by_step):
         r = by_step[step]
+        bucket = max(1, math.ceil(r["epoch"] - 1e-9))
         for key in ("train_loss", "train_accuracy", "eval_top1_accuracy"):
             if key in r:
-                bucket = math.ceil(r["epoch"] - 1e-9)
-                series.setdefault(key, {})[bucket] = (r["epoch"], r[key])
-    return {k: [v[e] for e in sorted(v)] for k, v in series.items()}
+                sums.setdefault(key, {}).setdefault(bucket, []).append(r[key])
+    series = {}
+    for key, buckets in sums.items():
+        if key == "eval_top1_accuracy":
+            series[key] = [(float(e), v[-1]) for e, v in sorted(buckets.items())]
+        else:
+            series[key] = [(float(e), float(sum(v) / len(v))) for e, v in sorted(buckets.items())]
+    return series
 
 
 def plot_curves(workdir: str, path: str | None = None) -> str:
