@@ -182,6 +182,11 @@ class Augment:
     @classmethod
     def from_config(cls, config, channels: int, decode_crop: bool = True) -> Augment:
         size, lo, hi = config.image_size, config.train_scale_min, config.train_scale_max
+        if config.resize_method not in _KERNELS:
+            raise ValueError(
+                f"config.resize_method {config.resize_method!r} not supported; use one of "
+                f"{sorted(_KERNELS)}."
+            )
         if not size <= lo <= hi:
             raise ValueError(
                 f"Need image_size <= train_scale_min <= train_scale_max, got {size}, {lo}, {hi}."
@@ -218,19 +223,56 @@ def _resize(image: tf.Tensor, height, width, method: str) -> tf.Tensor:
     return tf.image.resize(tf.cast(image, tf.float32), tf.stack([height, width]), method=method)
 
 
-def _window(offset, rescaled: tf.Tensor, original: tf.Tensor, size: int):
-    """Rows [start, start+length) of the original that cover rescaled rows [offset, offset+size)."""
-    ratio = tf.cast(original, tf.float32) / tf.cast(rescaled, tf.float32)
-    start = tf.cast(tf.floor(tf.cast(offset, tf.float32) * ratio), tf.int32)
-    end = tf.cast(tf.math.ceil(tf.cast(offset + size, tf.float32) * ratio), tf.int32)
-    end = tf.clip_by_value(end, start + 1, original)
-    # Size of the window once rescaled, and where the crop starts inside it.
-    inner = tf.cast(
-        tf.round(tf.cast(offset, tf.float32) - tf.cast(start, tf.float32) / ratio), tf.int32
+# tf.image.resize method -> the equivalent ScaleAndTranslate kernel (same samples, no antialias).
+_KERNELS = {
+    "bilinear": "triangle",
+    "bicubic": "keyscubic",
+    "lanczos3": "lanczos3",
+    "lanczos5": "lanczos5",
+    "gaussian": "gaussian",
+    "mitchellcubic": "mitchellcubic",
+}
+
+
+def _window(offset, rescaled, original, size: int):
+    """Original rows [start, start + length) read by a crop of rescaled rows [offset, offset+size).
+
+    Output row r samples original coordinate (offset + r + 0.5) / scale - 0.5; the
+    window adds a margin of two pixels for the resampling kernel's support.
+    """
+    inv = tf.cast(original, tf.float32) / tf.cast(rescaled, tf.float32)
+    first = tf.floor((tf.cast(offset, tf.float32) + 0.5) * inv - 0.5)
+    last = tf.floor((tf.cast(offset + size, tf.float32) - 0.5) * inv - 0.5)
+    start = tf.maximum(tf.cast(first, tf.int32) - 2, 0)
+    end = tf.minimum(tf.cast(last, tf.int32) + 3, original)
+    return start, end - start
+
+
+def _resample_crop(window, y0, x0, big_h, big_w, h, w, oy, ox, size: int, method: str):
+    """The size x size crop at (oy, ox) of the (h, w) image rescaled to (big_h, big_w).
+
+    `window` is the part of the image starting at (y0, x0). ScaleAndTranslate samples
+    exactly where tf.image.resize of the whole image would, so the result equals
+    resize-then-crop while computing only the crop's pixels.
+    """
+    scale = tf.stack(
+        [
+            tf.cast(big_h, tf.float32) / tf.cast(h, tf.float32),
+            tf.cast(big_w, tf.float32) / tf.cast(w, tf.float32),
+        ]
     )
-    inner = tf.maximum(inner, 0)
-    length_rescaled = tf.cast(tf.round(tf.cast(end - start, tf.float32) / ratio), tf.int32)
-    return start, end - start, tf.maximum(length_rescaled, inner + size), inner
+    shift = tf.cast(tf.stack([y0, x0]), tf.float32) * scale - tf.cast(
+        tf.stack([oy, ox]), tf.float32
+    )
+    out = tf.raw_ops.ScaleAndTranslate(
+        images=tf.cast(window, tf.float32)[None],
+        size=tf.constant([size, size]),
+        scale=scale,
+        translation=shift,
+        kernel_type=_KERNELS[method],
+        antialias=False,
+    )
+    return out[0]
 
 
 def sample_crop(height, width, seed: tf.Tensor, aug: Augment):
@@ -259,10 +301,10 @@ def random_scaled_crop(encoded: tf.Tensor, seed: tf.Tensor, aug: Augment) -> tf.
 
     def crop_from_window(decode_window, h, w):
         big_h, big_w, oy, ox = geometry(h, w)
-        y0, hh, wh, iy = _window(oy, big_h, h, size)
-        x0, ww, ww_r, ix = _window(ox, big_w, w, size)
-        part = _resize(decode_window(y0, x0, hh, ww), wh, ww_r, aug.method)
-        return part[iy : iy + size, ix : ix + size]
+        y0, hh = _window(oy, big_h, h, size)
+        x0, ww = _window(ox, big_w, w, size)
+        window = decode_window(y0, x0, hh, ww)
+        return _resample_crop(window, y0, x0, big_h, big_w, h, w, oy, ox, size, aug.method)
 
     if not aug.decode_crop:
         image = decode_image(encoded, aug.channels)
