@@ -37,7 +37,6 @@ def main() -> None:
     parser.add_argument("--override", action="append", default=[], help="config key=value")
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ["VGG_JAX_COMPILATION_CACHE"] = ""  # measure the first compilation too
 
     from vgg_jax import input_pipeline, train
 

@@ -32,15 +32,16 @@ def quick_config(**overrides):
 
 
 def test_quick_variant_trains_on_real_fashion_mnist(tmp_path):
-    config = quick_config(max_steps=60, log_every_steps=10, progress_bar=False, tensorboard=False)
+    # A third of an epoch: this plain net sits near chance for ~200 steps, then learns.
+    config = quick_config(max_steps=320, log_every_steps=40, progress_bar=False, tensorboard=False)
     result = train.train_and_evaluate(config, str(tmp_path))
-    assert result["complete"] and result["step"] == 60
+    assert result["complete"] and result["step"] == 320
     records = metrics.read_metrics(str(tmp_path))
     losses = [r["train_loss"] for r in records if "train_loss" in r]
-    assert len(losses) == 6
-    assert losses[-1] < losses[0], losses
+    assert len(losses) == 8
+    assert losses[-1] < losses[0] - 0.3, losses
     evals = [r for r in records if "eval_top1_accuracy" in r]
-    assert len(evals) == 1 and evals[0]["eval_top1_accuracy"] > 0.2  # chance is 0.1
+    assert len(evals) == 1 and evals[0]["eval_top1_accuracy"] > 0.3  # chance is 0.1
     assert evals[0]["eval_top5_accuracy"] >= evals[0]["eval_top1_accuracy"]
     import matplotlib.image
 
