@@ -43,8 +43,10 @@ def main() -> None:
     config = load_config(args.variant)
     for item in args.override:
         key, value = item.split("=", 1)
-        config[key] = type(config[key])(value) if not isinstance(config[key], bool) else (
-            value.lower() in ("1", "true", "yes")
+        config[key] = (
+            type(config[key])(value)
+            if not isinstance(config[key], bool)
+            else (value.lower() in ("1", "true", "yes"))
         )
     workdir = args.workdir or tempfile.mkdtemp(prefix="vgg_jax_quick_")
     shutil.rmtree(workdir, ignore_errors=True)
