@@ -274,6 +274,9 @@ def best_manager(workdir: str, read_only: bool = False) -> ocp.CheckpointManager
         max_to_keep=1,
         best_fn=lambda m: m["eval_top1_accuracy"],
         best_mode="max",
+        # Synchronous: a second manager saving in the background beside the state manager's
+        # async save was seen to hang a two-process run at its final step.
+        enable_async_checkpointing=False,
         create=not read_only,
         read_only=read_only,
         cleanup_tmp_directories=not read_only,
