@@ -74,4 +74,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 3
     c.progress_bar = True
+    c.tensorboard = True  # event files in workdir/tensorboard beside metrics.jsonl
+    c.num_devices = 0  # 0 = all devices; n = the first n (single-process tests, benchmarks)
+
+    # Multi-host (vgg_jax.parallel): a coordinator address turns on
+    # jax.distributed.initialize; "" falls back to VGG_JAX_COORDINATOR etc.
+    # distributed = "auto" initialises with no arguments (TPU pods, SLURM).
+    c.distributed = ""
+    c.coordinator_address = ""
+    c.num_processes = 0
+    c.process_id = -1
     return c

@@ -237,3 +237,124 @@ def _flatten(tree: Any) -> dict[str, Any]:
 def flatten_names(tree: Any) -> Sequence[str]:
     """Slash-separated names of a tree's leaves ('params/fc6/kernel', ...)."""
     return list(_flatten(tree))
+
+
+# ---------------------------------------------------------------------------
+# Training runs: a workdir holds config.json, checkpoints/ (the last K training
+# states) and best/ (the variables with the best validation accuracy).
+
+CONFIG_FILE = "config.json"
+STATE_DIR = "checkpoints"
+BEST_DIR = "best"
+
+
+def state_manager(workdir: str, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
+    """Manager of the training states in workdir/checkpoints: step-numbered, last `keep` kept.
+
+    Items: 'state' (the whole train state) and 'meta' (JSON: epoch, best accuracy,
+    finished flag). Orbax writes each step into a temporary directory and renames
+    it when complete, so a run killed while saving leaves nothing that is loaded.
+    """
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=not read_only, read_only=read_only, cleanup_tmp_directories=True
+    )
+    return ocp.CheckpointManager(
+        os.path.join(os.path.abspath(workdir), STATE_DIR),
+        options=options,
+        item_handlers={
+            "state": ocp.StandardCheckpointHandler(),
+            "meta": ocp.JsonCheckpointHandler(),
+        },
+    )
+
+
+def best_manager(workdir: str, read_only: bool = False) -> ocp.CheckpointManager:
+    """Manager of workdir/best: the variables of the evaluation with the best top-1 accuracy."""
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=1,
+        best_fn=lambda m: m["eval_top1_accuracy"],
+        best_mode="max",
+        # Synchronous: a second manager saving in the background beside the state manager's
+        # async save was seen to hang a two-process run at its final step.
+        enable_async_checkpointing=False,
+        create=not read_only,
+        read_only=read_only,
+        cleanup_tmp_directories=not read_only,
+    )
+    return ocp.CheckpointManager(
+        os.path.join(os.path.abspath(workdir), BEST_DIR),
+        options=options,
+        item_handlers={"variables": ocp.StandardCheckpointHandler()},
+    )
+
+
+def abstract_from_metadata(tree: Any, sharding: Any = None) -> Any:
+    """ShapeDtypeStructs (on `sharding`, default one local device) from orbax array metadata."""
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def one(m):
+        return jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding)
+
+    return jax.tree.map(one, tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
+
+
+def read_run_config(workdir: str) -> dict[str, Any]:
+    """The config a training run saved in workdir/config.json, as a plain dict."""
+    path = os.path.join(os.path.abspath(workdir), CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{workdir} is not a vgg_jax training run: {CONFIG_FILE} is missing. Train with "
+            "`python -m vgg_jax.train --config ... --workdir DIR`, or give a model bundle."
+        )
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_workdir(workdir: str | os.PathLike, which: str = "best") -> ModelBundle:
+    """The model of a training run: `which` = "best" (validation accuracy) or "latest".
+
+    "best" falls back to the latest training state when no evaluation was saved yet.
+    """
+    if which not in ("best", "latest"):
+        raise ValueError(f"which must be 'best' or 'latest', got {which!r}.")
+    workdir = os.path.abspath(os.fspath(workdir))
+    cfg = read_run_config(workdir)
+    options = {k: cfg[k] for k in models.MODEL_OPTIONS if k in cfg}
+    preprocessing = Preprocessing(
+        channel_order=cfg.get("channel_order", "RGB"),
+        value_range=float(cfg["value_range"]),
+        mean=tuple(float(v) for v in np.ravel(cfg["mean_rgb"])),
+        std=tuple(float(v) for v in np.ravel(cfg["std_rgb"])),
+    )
+    variables, step, source = None, None, ""
+    if which == "best" and os.path.isdir(os.path.join(workdir, BEST_DIR)):
+        mgr = best_manager(workdir, read_only=True)
+        step = mgr.best_step()
+        if step is not None:
+            target = abstract_from_metadata(dict(mgr.item_metadata(step)["variables"]))
+            restored = mgr.restore(
+                step, args=ocp.args.Composite(variables=ocp.args.StandardRestore(target))
+            )
+            variables, source = dict(restored["variables"]), os.path.join(workdir, BEST_DIR)
+    if variables is None:
+        mgr = state_manager(workdir, read_only=True)
+        step = mgr.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"{workdir} has no checkpoint yet; train first.")
+        meta = dict(mgr.item_metadata(step)["state"])
+        keep = {k: meta[k] for k in ("params", "batch_stats") if meta.get(k)}
+        target = abstract_from_metadata(meta)
+        restored = mgr.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+        )
+        variables = {k: restored["state"][k] for k in keep}
+        source = os.path.join(workdir, STATE_DIR)
+    bundle = ModelBundle(
+        name=cfg["model"],
+        options=options,
+        variables=variables,
+        preprocessing=preprocessing,
+        metadata={"workdir": workdir, "step": int(step), "which": which, "dataset": cfg["dataset"]},
+    )
+    check_variables(bundle.model, bundle.variables, channels=None, source=source)
+    return bundle

@@ -1,0 +1,404 @@
+"""Trainer tests on a tiny VGG-A with in-memory data (tests/fake_data.py).
+
+Sharding (1 vs 8 devices, model axis), gradient accumulation, the plateau
+schedule, exact resume after SIGKILL, SIGTERM, NaN, mismatched checkpoints,
+config typos and a two-process multi-host run on localhost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import fake_data
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vgg_jax import checkpoints, metrics, parallel, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(ROOT, "tests", "train_worker.py")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compilation_cache(tmp_path_factory):
+    """Runs of the same tiny config (here and in worker subprocesses) compile once."""
+    cache = str(tmp_path_factory.mktemp("jax_cache"))
+    old = jax.config.jax_compilation_cache_dir
+    os.environ["VGG_JAX_COMPILATION_CACHE"] = cache
+    jax.config.update("jax_compilation_cache_dir", cache)
+    yield
+    jax.config.update("jax_compilation_cache_dir", old)
+    os.environ.pop("VGG_JAX_COMPILATION_CACHE", None)
+
+
+@pytest.fixture(autouse=True)
+def _fake_input(monkeypatch):
+    monkeypatch.setattr(train, "_data", lambda: fake_data)
+    monkeypatch.setattr(train, "input_channels", lambda config: fake_data.CHANNELS)
+    monkeypatch.setattr(fake_data, "NAN_AT_STEP", -1)
+
+
+@pytest.fixture(scope="module")
+def dp8_run(tmp_path_factory):
+    """The tiny default run (4 steps, 8 devices), shared: tests copy it before changing it."""
+    workdir = tmp_path_factory.mktemp("dp8")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "_data", lambda: fake_data)
+        mp.setattr(train, "input_channels", lambda config: fake_data.CHANNELS)
+        _train(workdir)
+    return workdir
+
+
+def _copy(run, tmp_path):
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def _train(workdir, **overrides):
+    return train.train_and_evaluate(fake_data.tiny_config(**overrides), str(workdir))
+
+
+def _params(workdir, which="latest"):
+    return checkpoints.load_workdir(workdir, which).variables["params"]
+
+
+def _losses(workdir):
+    return [r["train_loss"] for r in metrics.read_metrics(str(workdir)) if "train_loss" in r]
+
+
+def _assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
+    flat_a = checkpoints._flatten(a)
+    flat_b = checkpoints._flatten(b)
+    assert flat_a.keys() == flat_b.keys()
+    for k in flat_a:
+        np.testing.assert_allclose(flat_a[k], flat_b[k], rtol=rtol, atol=atol, err_msg=k)
+
+
+def _assert_trees_equal(a, b):
+    flat_a, flat_b = checkpoints._flatten(a), checkpoints._flatten(b)
+    assert flat_a.keys() == flat_b.keys()
+    for k in flat_a:
+        assert np.array_equal(np.asarray(flat_a[k]), np.asarray(flat_b[k])), k
+
+
+# ---------------------------------------------------------------------------
+# Devices and sharding.
+
+
+def test_one_and_eight_devices_agree(tmp_path, dp8_run):
+    assert len(jax.devices()) == 8, "conftest should provide 8 CPU devices"
+    _train(tmp_path / "one", num_devices=1)
+    np.testing.assert_allclose(_losses(tmp_path / "one"), _losses(dp8_run), rtol=1e-5)
+    assert len(_losses(tmp_path / "one")) == 4
+    _assert_trees_close(_params(tmp_path / "one"), _params(dp8_run))
+
+
+def test_model_axis_shards_fc_and_gives_same_numbers(tmp_path, dp8_run):
+    config = fake_data.tiny_config(mesh_model_axis=2)
+    mesh = parallel.create_mesh(config)
+    assert dict(mesh.shape) == {"data": 4, "model": 2}
+    model = train.create_model(config)
+    shapes = jax.eval_shape(lambda: train.init_state(config, model, 3, 16))
+    shardings = parallel.tree_shardings(shapes, mesh)
+    assert shardings.params["fc6"]["kernel"].spec == jax.sharding.PartitionSpec(
+        None, None, None, "model"
+    )
+    assert shardings.params["fc7"]["kernel"].spec == jax.sharding.PartitionSpec("model", None)
+    assert shardings.opt_state[1].trace["fc6"]["kernel"].spec[-1] == "model"
+    _train(tmp_path / "mp", mesh_model_axis=2)
+    np.testing.assert_allclose(_losses(dp8_run), _losses(tmp_path / "mp"), rtol=1e-5)
+    _assert_trees_close(_params(dp8_run), _params(tmp_path / "mp"))
+
+
+def test_batch_that_does_not_divide_the_data_axis_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"batch_size=12 does not divide .* 8 devices"):
+        _train(tmp_path, batch_size=12)
+
+
+def test_grad_accumulation_equals_unsplit_batch(tmp_path):
+    # Dropout draws its masks per micro-batch, so compare without dropout (see train.py).
+    _train(tmp_path / "whole", dropout_rate=0.0, num_devices=2)
+    _train(tmp_path / "accum", dropout_rate=0.0, num_devices=2, grad_accum_steps=4)
+    np.testing.assert_allclose(_losses(tmp_path / "whole"), _losses(tmp_path / "accum"), rtol=1e-5)
+    _assert_trees_close(_params(tmp_path / "whole"), _params(tmp_path / "accum"))
+
+
+# ---------------------------------------------------------------------------
+# Optimizer and schedules.
+
+
+def test_plateau_cuts_lr_by_ten_at_most_three_times():
+    config = fake_data.tiny_config(schedule="plateau", plateau_patience=1)
+    plateau = train.create_plateau(config)
+    state = plateau.init({})
+    scales = []
+    errors = [0.5, 0.4] + [0.4] * 12  # improves once, then stalls
+    for error in errors:
+        _, state = plateau.update(updates={}, state=state, value=jnp.float32(error))
+        scales.append(float(state.scale))
+    assert scales[0] == scales[1] == 1.0
+    distinct = sorted(set(np.round(scales, 8)), reverse=True)
+    np.testing.assert_allclose(distinct, [1.0, 0.1, 0.01, 0.001], rtol=1e-5)
+    assert min(scales) >= 1e-3 * (1 - 1e-6)
+
+
+def test_plateau_schedule_reads_validation_error_in_training(tmp_path):
+    # Evaluation after every epoch of 2 steps; random labels never improve much.
+    _train(
+        tmp_path,
+        schedule="plateau",
+        plateau_patience=0,
+        max_steps=0,
+        num_epochs=3,
+        batch_size=128,
+        learning_rate=1e-6,
+    )
+    lrs = [r["learning_rate"] for r in metrics.read_metrics(str(tmp_path)) if "learning_rate" in r]
+    assert lrs[0] == pytest.approx(1e-6)
+    assert lrs[-1] < 1e-6, "validation accuracy stalled but the learning rate was not cut"
+
+
+def test_weight_decay_skips_biases_unless_asked():
+    params = {"conv": {"kernel": jnp.ones(2), "bias": jnp.ones(2)}}
+    assert train.weight_decay_mask(params, False) == {"conv": {"kernel": True, "bias": False}}
+    assert train.weight_decay_mask(params, True) == {"conv": {"kernel": True, "bias": True}}
+
+
+def test_step_schedule_multiplies_every_n_epochs():
+    config = fake_data.tiny_config(schedule="step", step_epochs=3, step_factor=0.9)
+    lr = train.learning_rate_fn(config, steps_per_epoch=10)
+    assert float(lr(29)) == pytest.approx(0.01)
+    assert float(lr(30)) == pytest.approx(0.009)
+    assert float(lr(60)) == pytest.approx(0.0081)
+
+
+# ---------------------------------------------------------------------------
+# Initialisation from other runs.
+
+
+def test_paper_a_init_copies_four_convs_and_fc_and_reinits_head(tmp_path):
+    config_a = fake_data.tiny_config()
+    config_b = fake_data.tiny_config(model="vgg13", num_classes=5, seed=1)
+    state_a = train.init_state(config_a, train.create_model(config_a), 3, 16)
+    state_b = train.init_state(config_b, train.create_model(config_b), 3, 16)
+    said = []
+    params = train.transfer_params(state_b.params, state_a.params, "paper_a", said.append)
+    for name in ("conv1_1", "conv2_1", "conv3_1", "conv3_2"):
+        np.testing.assert_array_equal(
+            params["features"][name]["kernel"], state_a.params["features"][name]["kernel"]
+        )
+    for name in ("conv1_2", "conv2_2"):  # B's own layers stay random
+        np.testing.assert_array_equal(
+            params["features"][name]["kernel"], state_b.params["features"][name]["kernel"]
+        )
+    np.testing.assert_array_equal(params["fc6"]["kernel"], state_a.params["fc6"]["kernel"])
+    np.testing.assert_array_equal(params["fc8"]["kernel"], state_b.params["fc8"]["kernel"])
+    assert any("re-initialised" in s for s in said)
+
+
+def test_init_from_workdir_same_mode(tmp_path, dp8_run):
+    _train(tmp_path / "b", init_from=str(dp8_run), max_steps=1, learning_rate=1e-9)
+    _assert_trees_close(_params(dp8_run, "best"), _params(tmp_path / "b"), rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints, resume and faults.
+
+
+def test_finished_run_is_not_overwritten_and_tmp_checkpoint_is_ignored(tmp_path, dp8_run):
+    run = _copy(dp8_run, tmp_path)
+    # A half-written checkpoint of a later step, as a crash during saving leaves it.
+    tmp = run / "checkpoints" / "12.orbax-checkpoint-tmp-123"
+    tmp.mkdir()
+    (tmp / "junk").write_text("half written")
+    records = metrics.read_metrics(str(run))
+    again = _train(run)
+    assert again["complete"] and again["step"] == 4
+    assert metrics.read_metrics(str(run)) == records
+    resumed = _train(run, max_steps=6)  # more steps: resumes from 4, not from 12
+    assert resumed["step"] == 6
+    steps = [r["step"] for r in metrics.read_metrics(str(run)) if "train_loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path, dp8_run):
+    tmp_path = _copy(dp8_run, tmp_path)
+    with pytest.raises(ValueError, match=r"conv1_2"):
+        _train(tmp_path, model="vgg13", max_steps=4)
+    with pytest.raises(ValueError, match=r"params/fc6/.* has shape \(32,?\)"):
+        _train(tmp_path, fc_width=64, max_steps=4)
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setattr(fake_data, "NAN_AT_STEP", 2)  # the third batch
+    with pytest.raises(FloatingPointError, match=r"at step 3"):
+        _train(tmp_path, max_steps=6)
+    mgr = checkpoints.state_manager(str(tmp_path), read_only=True)
+    assert mgr.all_steps() == [2]
+    params = _params(tmp_path)
+    assert all(np.all(np.isfinite(v)) for v in jax.tree.leaves(params))
+
+
+def test_config_typo_names_the_nearest_field(tmp_path):
+    config = fake_data.tiny_config()
+    config.learning_rte = 0.1
+    with pytest.raises(ValueError, match=r"'learning_rte'.*Did you mean 'learning_rate'"):
+        train.validate_config(config)
+    with pytest.raises(ValueError, match=r"Unknown model name 'vgg17'"):
+        _train(tmp_path, model="vgg17")
+
+
+def test_command_line_override_typo(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "vgg_jax.train", "--config", "configs/fashion_mnist.py:quick"]
+        + ["--config.batch_sise=3", "--workdir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "batch_size" in proc.stderr and "Traceback" not in proc.stderr
+    assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def _worker(workdir, overrides, env=None, **kwargs):
+    return subprocess.Popen(
+        [sys.executable, WORKER, str(workdir), json.dumps(overrides)],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
+    )
+
+
+def _wait_for_checkpoint(workdir, proc, timeout=120):
+    path = workdir / "checkpoints"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.exists() and any(p.name.isdigit() for p in path.iterdir()):
+            return
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.2)
+    raise AssertionError("no checkpoint appeared")
+
+
+RESUME_RUN = dict(max_steps=0, num_epochs=2, batch_size=32, checkpoint_every_steps=3, num_devices=2)
+
+
+def test_sigkill_mid_epoch_then_resume_is_bit_exact(tmp_path):
+    # 16 steps in two epochs of 8; checkpoints every 3 steps. Slow batches let the kill land
+    # mid-epoch after the first checkpoint.
+    straight = _worker(tmp_path / "straight", RESUME_RUN)
+    killed = _worker(tmp_path / "killed", RESUME_RUN, env={"FAKE_DATA_SLEEP": "0.3"})
+    _wait_for_checkpoint(tmp_path / "killed", killed)
+    time.sleep(0.5)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    steps = checkpoints.state_manager(str(tmp_path / "killed"), read_only=True).all_steps()
+    assert steps and max(steps) < 16
+    rerun = _worker(tmp_path / "killed", RESUME_RUN)
+    out = rerun.communicate(timeout=180)[0]
+    assert rerun.returncode == 0, out
+    assert "Resuming from step" in out
+    assert straight.wait(timeout=180) == 0, straight.stdout.read()
+    _assert_trees_equal(_params(tmp_path / "straight"), _params(tmp_path / "killed"))
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    proc = _worker(tmp_path, RESUME_RUN, env={"FAKE_DATA_SLEEP": "0.3"})
+    _wait_for_checkpoint(tmp_path, proc)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0, out
+    assert "SIGTERM: saved step" in out
+    saved = int(out.split("SIGTERM: saved step ")[1].split()[0])
+    steps = checkpoints.state_manager(str(tmp_path), read_only=True).all_steps()
+    assert saved in steps and saved < 16
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one(tmp_path, dp8_run):
+    run = dict(num_devices=0, max_steps=4)
+    port = _free_port()
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    procs = [
+        _worker(
+            tmp_path / "multi",
+            run,
+            env={
+                **env,
+                "VGG_JAX_COORDINATOR": f"127.0.0.1:{port}",
+                "VGG_JAX_NUM_PROCESSES": "2",
+                "VGG_JAX_PROCESS_ID": str(i),
+            },
+        )
+        for i in range(2)
+    ]
+    _train(tmp_path / "single", **run)  # 8 devices in this process; 2 x 4 over there
+    for p in procs:
+        out = p.communicate(timeout=240)[0]
+        assert p.returncode == 0, out
+    np.testing.assert_allclose(_losses(tmp_path / "single"), _losses(tmp_path / "multi"), rtol=1e-5)
+    _assert_trees_close(_params(tmp_path / "single"), _params(tmp_path / "multi"))
+
+
+def test_metrics_file_and_curves(tmp_path):
+    _train(tmp_path, max_steps=0, num_epochs=2, batch_size=128)
+    records = metrics.read_metrics(str(tmp_path))
+    keys = set().union(*records)
+    for key in (
+        "step",
+        "epoch",
+        "train_loss",
+        "train_accuracy",
+        "learning_rate",
+        "images_per_second",
+        "eval_top1_accuracy",
+        "eval_top5_accuracy",
+    ):
+        assert key in keys, key
+    evals = [r for r in records if "eval_top1_accuracy" in r]
+    assert [r["epoch"] for r in evals] == [1.0, 2.0]
+    # 20 examples: accuracy is a multiple of 1/20, counted exactly despite padding.
+    assert all(
+        abs(r["eval_top1_accuracy"] * 20 - round(r["eval_top1_accuracy"] * 20)) < 1e-6
+        for r in evals
+    )
+    import matplotlib.image
+
+    png = matplotlib.image.imread(str(tmp_path / "curves.png"))
+    assert png.ndim == 3 and png.shape[0] > 100
+    with open(tmp_path / "config.json") as f:
+        assert json.load(f)["model"] == "vgg11"
+
+
+def test_per_epoch_series_average_training_figures_and_take_epoch_end_eval():
+    records = [
+        {"step": 1, "epoch": 0.5, "train_loss": 2.0, "train_accuracy": 0.2},
+        {"step": 2, "epoch": 1.0, "train_loss": 1.0, "train_accuracy": 0.4},
+        {"step": 2, "epoch": 1.0, "eval_top1_accuracy": 0.5},
+        {"step": 3, "epoch": 1.5, "train_loss": 0.5, "train_accuracy": 0.8},
+        {"step": 4, "epoch": 2.0, "train_loss": 0.5, "train_accuracy": 0.8},
+        {"step": 4, "epoch": 2.0, "eval_top1_accuracy": 0.7},
+    ]
+    series = metrics.per_epoch(records)
+    assert series["train_loss"] == [(1.0, 1.5), (2.0, 0.5)]
+    assert series["train_accuracy"] == [(1.0, pytest.approx(0.3)), (2.0, 0.8)]
+    assert series["eval_top1_accuracy"] == [(1.0, 0.5), (2.0, 0.7)]

@@ -1,0 +1,184 @@
+"""Training metrics on the host: progress bar, metrics.jsonl, TensorBoard, curves.png.
+
+Only process 0 writes any of these. The trainer hands over plain floats that it
+fetched from the devices every `log_every_steps` steps, never per step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+CURVES_FILE = "curves.png"
+
+
+class ProgressBar:
+    """One console line: epoch, step, loss, accuracy, learning rate, images/s, ETA."""
+
+    def __init__(self, total_steps: int, steps_per_epoch: int, enabled: bool = True, stream=None):
+        self.total = total_steps
+        self.per_epoch = steps_per_epoch
+        self.enabled = enabled
+        self.stream = stream or sys.stderr
+        self.tty = getattr(self.stream, "isatty", lambda: False)()
+
+    def update(self, step: int, figures: Mapping[str, float], seconds_per_step: float) -> None:
+        if not self.enabled:
+            return
+        epoch = step / self.per_epoch
+        done = step / max(self.total, 1)
+        width = 20
+        bar = "#" * int(done * width) + "-" * (width - int(done * width))
+        eta = _duration(max(self.total - step, 0) * seconds_per_step)
+        line = (
+            f"epoch {epoch:6.2f} [{bar}] step {step}/{self.total} "
+            f"loss {figures.get('train_loss', math.nan):.4f} "
+            f"acc {figures.get('train_accuracy', math.nan):.4f} "
+            f"lr {figures.get('learning_rate', math.nan):.2e} "
+            f"{figures.get('images_per_second', 0.0):.0f} img/s ETA {eta}"
+        )
+        if self.tty:
+            self.stream.write("\r" + line + "\x1b[K")
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def message(self, text: str) -> None:
+        """A line of its own (evaluation results, notices), shown even with the bar off."""
+        self.stream.write(("\n" if self.tty and self.enabled else "") + text + "\n")
+        self.stream.flush()
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _scalar_metadata():
+    from tensorflow.core.framework import summary_pb2
+
+    meta = summary_pb2.SummaryMetadata()
+    meta.plugin_data.plugin_name = "scalars"
+    meta.data_class = summary_pb2.DATA_CLASS_SCALAR
+    return meta
+
+
+_SCALAR = None
+
+
+class MetricsWriter:
+    """Appends JSON lines to workdir/metrics.jsonl and scalars to TensorBoard event files."""
+
+    def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self.path = os.path.join(workdir, METRICS_FILE)
+        self._tb = None
+        if enabled and tensorboard:
+            try:
+                import tensorflow as tf
+
+                global _SCALAR
+                _SCALAR = _SCALAR or _scalar_metadata()
+                self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+            except Exception:  # TensorBoard is a convenience; the JSON file is the record
+                self._tb = None
+
+    def write(self, step: int, epoch: float, figures: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), "epoch": round(float(epoch), 4), "time": time.time()}
+        record.update({k: float(v) for k, v in figures.items()})
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            import tensorflow as tf
+
+            with self._tb.as_default(step=int(step)):
+                for k, v in figures.items():
+                    # tf.summary.write is in TF itself; tf.summary.scalar needs the tensorboard
+                    # package. The metadata marks the value as a scalar, as scalar() would.
+                    tf.summary.write(k, tf.constant(float(v), tf.float32), metadata=_SCALAR)
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+    """All records of workdir/metrics.jsonl (an empty list when there is none)."""
+    path = os.path.join(workdir, METRICS_FILE)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def per_epoch(records: list[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
+    """(epoch, value) series, one point per epoch as the seed plots them.
+
+    Training figures are averaged over the epoch's logged intervals; the test
+    accuracy is the evaluation at the epoch's end. A resumed run may log a step
+    twice; the later record wins.
+    """
+    by_step: dict[int, dict[str, Any]] = {}
+    for r in records:
+        by_step.setdefault(r["step"], {}).update(r)
+    sums: dict[str, dict[int, list[float]]] = {}
+    for step in sorted(by_step):
+        r = by_step[step]
+        bucket = max(1, math.ceil(r["epoch"] - 1e-9))
+        for key in ("train_loss", "train_accuracy", "eval_top1_accuracy"):
+            if key in r:
+                sums.setdefault(key, {}).setdefault(bucket, []).append(r[key])
+    series = {}
+    for key, buckets in sums.items():
+        if key == "eval_top1_accuracy":
+            series[key] = [(float(e), v[-1]) for e, v in sorted(buckets.items())]
+        else:
+            series[key] = [(float(e), float(sum(v) / len(v))) for e, v in sorted(buckets.items())]
+    return series
+
+
+def plot_curves(workdir: str, path: str | None = None) -> str:
+    """Training loss (left axis), training and test accuracy (right axis) per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = per_epoch(read_metrics(workdir))
+    path = path or os.path.join(workdir, CURVES_FILE)
+    fig, ax_loss = plt.subplots(figsize=(6, 4))
+    ax_acc = ax_loss.twinx()
+    styles = {
+        "train_loss": (ax_loss, "train loss", "C0", "-"),
+        "train_accuracy": (ax_acc, "train acc", "C1", "--"),
+        "eval_top1_accuracy": (ax_acc, "test acc", "C2", "-."),
+    }
+    lines = []
+    for key, (ax, label, color, style) in styles.items():
+        points = series.get(key, [])
+        if points:
+            xs, ys = zip(*points, strict=True)
+            lines += ax.plot(xs, ys, style, color=color, marker="o", markersize=3, label=label)
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("loss")
+    ax_acc.set_ylabel("accuracy")
+    ax_acc.set_ylim(0, 1)
+    ax_loss.grid(True, alpha=0.3)
+    if lines:
+        ax_loss.legend(lines, [ln.get_label() for ln in lines], loc="center right")
+    ax_loss.set_title(os.path.basename(os.path.abspath(workdir)))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
