@@ -50,7 +50,6 @@ import argparse
 import dataclasses
 import functools
 import json
-import math
 import os
 import sys
 import time
@@ -437,32 +436,38 @@ class MultiCropEvaluator:
                 if self.flip:
                     yield crop[:, ::-1]
 
-    def predict(self, images: Any) -> np.ndarray:
-        """(N, classes) soft-max averaged over every crop of every scale."""
+    def predict_per_scale(self, images: Any) -> dict[int, np.ndarray]:
+        """{Q: (N, classes)} soft-max averaged over the crops (and flips) of each scale."""
         images = as_image_set(images)
-        per_scale = [images.at_scale(q) for q in self.scales]
-        sums = np.zeros((len(images), self.num_classes), np.float64)
+        per_scale = {q: images.at_scale(q) for q in self.scales}
+        sums = np.zeros((len(self.scales), len(images), self.num_classes), np.float64)
         crops: list[np.ndarray] = []
-        owner: list[int] = []
+        owner: list[tuple[int, int]] = []
 
         def flush() -> None:
             x = np.zeros((self.batch_size, *crops[0].shape), np.float32)
             x[: len(crops)] = np.stack(crops)
             probs = np.asarray(self._forward(self.variables, *self._devices.put_batch(x)))
-            np.add.at(sums, np.asarray(owner), probs[: len(crops)])
+            s, i = np.asarray(owner).T
+            np.add.at(sums, (s, i), probs[: len(crops)])
             crops.clear()
             owner.clear()
 
         for i in range(len(images)):
-            for ims in per_scale:
+            for s, ims in enumerate(per_scale.values()):
                 for crop in self._crops(ims[i]):
                     crops.append(crop)
-                    owner.append(i)
+                    owner.append((s, i))
                     if len(crops) == self.batch_size:
                         flush()
         if crops:
             flush()
-        return (sums / self.crops_per_image).astype(np.float32)
+        per_crop = self.grid**2 * (2 if self.flip else 1)
+        return {q: (sums[s] / per_crop).astype(np.float32) for s, q in enumerate(self.scales)}
+
+    def predict(self, images: Any) -> np.ndarray:
+        """(N, classes) soft-max averaged over every crop of every scale."""
+        return np.mean(list(self.predict_per_scale(images).values()), axis=0)
 
 
 # ---------------------------------------------------------------------------
@@ -581,9 +586,7 @@ class ErrorCounts:
     top1_wrong: int = 0
     top5_wrong: int = 0
 
-    def update(
-        self, probs: np.ndarray, labels: np.ndarray, mask: np.ndarray | None = None
-    ) -> None:
+    def update(self, probs: np.ndarray, labels: np.ndarray, mask: np.ndarray | None = None) -> None:
         probs, labels = np.asarray(probs), np.asarray(labels).astype(np.int64)
         mask = np.ones(len(labels), bool) if mask is None else np.asarray(mask, bool)
         if not len(probs) == len(labels) == len(mask):
@@ -624,3 +627,354 @@ class ErrorCounts:
     @property
     def top5_error(self) -> float:
         return self.top5_wrong / self.count if self.count else float("nan")
+
+
+# ---------------------------------------------------------------------------
+# Evaluating a dataset: every protocol of the paper's Tables 3-5 in one pass.
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One line of the results table: a protocol at a set of scales."""
+
+    mode: str  # "dense", "multi-crop" or "multi-crop & dense"
+    scales: tuple[int, ...]
+
+    @property
+    def label(self) -> str:
+        return f"{self.mode} Q={','.join(map(str, self.scales))}"
+
+
+@dataclasses.dataclass
+class ProtocolSet:
+    """The dense and/or multi-crop evaluators of each network of an ensemble."""
+
+    dense: list[DenseEvaluator]
+    multicrop: list[MultiCropEvaluator]
+
+    @classmethod
+    def build(
+        cls,
+        members: Sequence[Member],
+        mode: str,
+        scales: Iterable[int],
+        flip: bool = True,
+        *,
+        grid: int = 5,
+        batch_size: int = 8,
+        devices: Sequence[jax.Device] | None = None,
+    ) -> ProtocolSet:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+        if not members:
+            raise ValueError("Give at least one network to evaluate.")
+        scales = tuple(scales)
+        common = dict(flip=flip, devices=devices)
+        dense = [
+            DenseEvaluator(
+                m.model,
+                m.variables,
+                scales,
+                preprocess=m.preprocess,
+                batch_size=batch_size,
+                **common,
+            )
+            for m in members
+            if mode in ("dense", "both")
+        ]
+        multicrop = [
+            MultiCropEvaluator(
+                m.model,
+                m.variables,
+                scales,
+                grid,
+                preprocess=m.preprocess,
+                batch_size=batch_size * grid * grid,
+                **common,
+            )
+            for m in members
+            if mode in ("multicrop", "both")
+        ]
+        _same_classes([*dense, *multicrop])
+        return cls(dense, multicrop)
+
+    def predict_rows(self, images: Any) -> dict[Row, np.ndarray]:
+        """Soft-max outputs (ensemble-averaged) of every row: each scale alone, all, fused."""
+        images = as_image_set(images)
+        rows: dict[Row, np.ndarray] = {}
+        for name, evaluators in (("dense", self.dense), ("multi-crop", self.multicrop)):
+            if not evaluators:
+                continue
+            per_scale = [e.predict_per_scale(images) for e in evaluators]
+            scales = evaluators[0].scales
+            if len(scales) > 1:
+                for q in scales:
+                    rows[Row(name, (q,))] = fuse(*(p[q] for p in per_scale))
+            rows[Row(name, scales)] = fuse(*(np.mean(list(p.values()), 0) for p in per_scale))
+        if self.dense and self.multicrop:
+            scales = self.dense[0].scales
+            rows[Row("multi-crop & dense", scales)] = fuse(
+                rows[Row("dense", scales)], rows[Row("multi-crop", scales)]
+            )
+        return rows
+
+    @property
+    def compiled_shapes(self) -> int:
+        return sum(e.compiled_shapes for e in self.dense)
+
+
+def evaluate_batches(
+    protocols: ProtocolSet,
+    batches: Iterable[tuple[ImageSet, np.ndarray, np.ndarray]],
+    *,
+    limit: int = 0,
+    total: int | None = None,
+    progress: Callable[[str], None] | None = None,
+    progress_every_s: float = 10.0,
+) -> dict[Row, ErrorCounts]:
+    """Counts errors of every row over (images, labels, mask) batches; masked-out entries skipped.
+
+    `limit` > 0 stops after that many real examples (of this process).
+    """
+    counts: dict[Row, ErrorCounts] = {}
+    seen, start, last_report = 0, time.time(), time.time()
+    for images, labels, mask in batches:
+        mask = np.asarray(mask, bool)
+        keep = np.flatnonzero(mask)
+        if limit:
+            keep = keep[: max(0, limit - seen)]
+        if len(keep):
+            subset = images.subset(keep.tolist())
+            for row, probs in protocols.predict_rows(subset).items():
+                counts.setdefault(row, ErrorCounts()).update(probs, np.asarray(labels)[keep])
+            seen += len(keep)
+        if progress and time.time() - last_report >= progress_every_s:
+            last_report = time.time()
+            progress(_progress_line(seen, total, time.time() - start))
+        if limit and seen >= limit:
+            break
+    if progress:
+        progress(_progress_line(seen, total, time.time() - start))
+    return {row: c.all_processes() for row, c in counts.items()}
+
+
+def _progress_line(seen: int, total: int | None, seconds: float) -> str:
+    rate = seen / seconds if seconds > 0 else 0.0
+    line = f"[evaluate] {seen}" + (f"/{total}" if total else "") + f" images, {rate:.1f} images/s"
+    if total and rate > 0:
+        line += f", ETA {(total - seen) / rate / 60:.1f} min"
+    return line
+
+
+def format_table(results: Mapping[Row, ErrorCounts], title: str = "") -> str:
+    """A Markdown table shaped like the paper's Tables 3-5 (errors in %)."""
+    lines = [title] if title else []
+    lines += [
+        "| evaluation method | test scale Q | top-1 error (%) | top-5 error (%) | images |",
+        "|---|---|---|---|---|",
+    ]
+    for row, c in results.items():
+        lines.append(
+            f"| {row.mode} | {','.join(map(str, row.scales))} | {100 * c.top1_error:.2f} | "
+            f"{100 * c.top5_error:.2f} | {c.count} |"
+        )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# Command line.
+
+
+def paper_scales(config: Any) -> tuple[int, ...]:
+    """The paper's multi-scale test set for a training config (PAPER.md, section 3).
+
+    Jittered S in [S_min, S_max]: {S_min, (S_min + S_max) / 2, S_max}; fixed S:
+    {S - 32, S, S + 32}. Scales below the training crop are dropped.
+    """
+    lo, hi = int(config.train_scale_min), int(config.train_scale_max)
+    scales = (lo, (lo + hi) // 2, hi) if lo < hi else (lo - 32, lo, lo + 32)
+    return tuple(q for q in scales if q >= int(config.image_size))
+
+
+def _base_config(args: argparse.Namespace) -> Any:
+    """The data config: workdir/config.json, --config FILE[:variant], or the defaults."""
+    import ml_collections
+
+    if args.workdir and os.path.isfile(os.path.join(args.workdir, "config.json")):
+        with open(os.path.join(args.workdir, "config.json")) as f:
+            return ml_collections.ConfigDict(json.load(f))
+    path = args.config or os.path.join(os.path.dirname(__file__), "..", "configs", "default.py")
+    path, _, variant = path.partition(":")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"Config file {path} not found; pass --config configs/<experiment>.py (the data "
+            "settings of the run) or --workdir of a training run."
+        )
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_vgg_jax_eval_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # a config file is code the user chose to run
+    return module.get_config(variant) if variant else module.get_config()
+
+
+def load_members(args: argparse.Namespace) -> list[Member]:
+    """The networks named by --workdir / --checkpoint (bundles or training workdirs)."""
+    paths = ([args.workdir] if args.workdir else []) + list(args.checkpoint or [])
+    if not paths:
+        raise SystemExit("Name a network: --workdir RUN_DIR or --checkpoint BUNDLE_DIR.")
+    members = []
+    for path in paths:
+        if not os.path.exists(path):
+            raise SystemExit(f"{path} does not exist.")
+        if checkpoints.is_bundle(path):
+            bundle = checkpoints.load_bundle(path)
+        else:
+            load_workdir = getattr(checkpoints, "load_workdir", None)
+            if load_workdir is None:
+                raise SystemExit(
+                    f"{path} is not a model bundle, and this version of vgg_jax cannot read "
+                    "training workdirs (checkpoints.load_workdir is missing)."
+                )
+            bundle = load_workdir(path, which=args.which)
+        members.append(Member.from_bundle(bundle, name=os.path.basename(os.path.normpath(path))))
+    return members
+
+
+def _data_config(args: argparse.Namespace, members: Sequence[Member]) -> Any:
+    config = _base_config(args)
+    with config.unlocked():
+        if args.dataset:
+            config.dataset = args.dataset
+        if args.data_dir is not None:
+            config.data_dir = args.data_dir
+        config.num_classes = members[0].model.num_classes
+        config.image_size = min(m.model.image_size for m in members)
+        # The pipeline hands over raw pixels in [0, 1]; each network normalises its own.
+        config.value_range = 1.0
+        config.mean_rgb = type(config.mean_rgb)([0.0])
+        config.std_rgb = type(config.std_rgb)([1.0])
+    return config
+
+
+def dataset_batches(
+    config: Any, split: str, scales: Sequence[int], batch_size: int
+) -> Iterator[tuple[ImageSet, np.ndarray, np.ndarray]]:
+    """Groups of `batch_size` examples, each image rescaled by the input pipeline to every Q."""
+    from vgg_jax import input_pipeline
+
+    streams = [
+        input_pipeline.eval_dataset(config, split=split, mode="full", scale=q) for q in scales
+    ]
+    group: list[list[dict[str, np.ndarray]]] = []
+    for examples in zip(*streams, strict=True):
+        labels = {int(e["label"][0]) for e in examples}
+        if len(labels) != 1:
+            raise RuntimeError("The per-scale evaluation streams went out of step.")
+        group.append(list(examples))
+        if len(group) == batch_size:
+            yield _group_to_batch(group, scales)
+            group = []
+    if group:
+        yield _group_to_batch(group, scales)
+
+
+def _group_to_batch(group, scales):
+    rescaled = {q: [g[s]["image"][0] for g in group] for s, q in enumerate(scales)}
+    labels = np.asarray([g[0]["label"][0] for g in group])
+    mask = np.asarray([g[0]["mask"][0] for g in group], bool)
+    return ImageSet(rescaled=rescaled), labels, mask
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m vgg_jax.evaluate",
+        description="The paper's test protocols (dense, multi-crop, both; ensembles) on a split.",
+    )
+    p.add_argument("--workdir", help="training run directory (its best or latest checkpoint)")
+    p.add_argument("--which", default="best", choices=("best", "latest"))
+    p.add_argument(
+        "--checkpoint", action="append", help="model bundle directory (repeat for an ensemble)"
+    )
+    p.add_argument("--config", help="config FILE[:variant] with the data settings")
+    p.add_argument("--dataset", help="override config.dataset")
+    p.add_argument("--data-dir", help="override config.data_dir")
+    p.add_argument("--split", help="split to evaluate (default config.eval_split)")
+    p.add_argument("--mode", default="dense", choices=MODES)
+    p.add_argument("--scales", help="test scales Q, e.g. 256,384,512 (default: the paper's)")
+    p.add_argument("--no-flip", action="store_true", help="do not add flipped images")
+    p.add_argument("--grid", type=int, default=5, help="multi-crop grid side (5: 5x5)")
+    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N examples")
+    p.add_argument("--batch-size", type=int, default=8, help="images per network call")
+    p.add_argument("--output", help="write the results as JSON here")
+    return p.parse_args(argv)
+
+
+def _parse_scales(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(q) for q in text.split(",") if q.strip())
+    except ValueError:
+        raise SystemExit(f"--scales must be comma-separated integers, got {text!r}.") from None
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    members = load_members(args)
+    config = _data_config(args, members)
+    scales = _parse_scales(args.scales) if args.scales else paper_scales(config)
+    split = args.split or config.eval_split
+    try:
+        protocols = ProtocolSet.build(
+            members,
+            args.mode,
+            scales,
+            not args.no_flip,
+            grid=args.grid,
+            batch_size=args.batch_size,
+        )
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    from vgg_jax import input_pipeline
+
+    total = input_pipeline.num_examples(config, split)
+    total = min(total, args.limit) if args.limit else total
+    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    start = time.time()
+    results = evaluate_batches(
+        protocols,
+        dataset_batches(config, split, scales, args.batch_size),
+        limit=args.limit,
+        total=total,
+        progress=log if jax.process_index() == 0 else None,
+    )
+    names = " + ".join(m.name for m in members)
+    summary = {
+        "networks": [m.name for m in members],
+        "dataset": config.dataset,
+        "split": split,
+        "flip": not args.no_flip,
+        "grid": args.grid,
+        "compiled_shapes": protocols.compiled_shapes,
+        "seconds": round(time.time() - start, 2),
+        "rows": [
+            {
+                "mode": row.mode,
+                "scales": list(row.scales),
+                "top1_error": c.top1_error,
+                "top5_error": c.top5_error,
+                "count": c.count,
+            }
+            for row, c in results.items()
+        ],
+    }
+    if jax.process_index() == 0:
+        print(format_table(results, f"{names} on {config.dataset}/{split}"))
+        print(f"compiled shapes (dense): {protocols.compiled_shapes}")
+        if args.output:
+            with open(args.output, "w") as f:
+                json.dump(summary, f, indent=2)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
