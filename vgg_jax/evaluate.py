@@ -50,6 +50,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import math
 import os
 import sys
 import time
@@ -383,12 +384,19 @@ class DenseEvaluator:
 
 
 def crop_offsets(length: int, crop: int, grid: int) -> list[int]:
-    """Start offsets of `grid` crops evenly spread over `length`; grid 1 is the centre."""
+    """Start offsets of `grid` crops evenly spread over `length`; grid 1 is the centre.
+
+    Mirror-symmetric (offset o and length - crop - o both present, the centre
+    aside), so the flipped crops of a grid are the crops of the flipped image.
+    """
     if length < crop:
         raise ValueError(f"Cannot take {crop}-pixel crops from a side of {length} pixels.")
-    if grid == 1:
-        return [(length - crop) // 2]
-    return [int(round(i * (length - crop) / (grid - 1))) for i in range(grid)]
+    slack = length - crop
+    offsets = [slack // 2] * grid
+    for i in range(grid // 2):
+        offsets[i] = int(math.floor(i * slack / (grid - 1) + 0.5))
+        offsets[grid - 1 - i] = slack - offsets[i]
+    return offsets
 
 
 class MultiCropEvaluator:

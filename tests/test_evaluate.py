@@ -1,0 +1,271 @@
+"""The paper's test protocols: dense, multi-crop, fusion, ensembles, exact counting."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vgg_jax import checkpoints, models
+from vgg_jax import evaluate as ev
+
+SIZE = 32
+OPTIONS = dict(num_classes=10, width_divisor=16, fc_width=32, image_size=SIZE)
+
+
+@pytest.fixture(scope="module")
+def net():
+    model = models.create_model("A", **OPTIONS)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)))
+    # Non-zero biases, so that zero padding is not accidentally harmless.
+    variables = jax.tree.map(
+        lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape), variables
+    )
+    return model, variables
+
+
+def images(shapes, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.random((h, w, 3), dtype=np.float32) for h, w in shapes]
+
+
+def plain_softmax(model, variables, x, preprocess=lambda x: x):
+    return np.asarray(jax.nn.softmax(model.apply(variables, preprocess(jnp.asarray(x)))))
+
+
+def unpadded_dense(model, variables, image, scales, flip):
+    """The dense protocol written out for one image at its own size: the reference."""
+    probs = []
+    for q in scales:
+        im = ev.resize_image(image, *ev.rescaled_size(*image.shape[:2], q))
+        for x in [im, im[:, ::-1]] if flip else [im]:
+            scores = model.apply(variables, jnp.asarray(x[None]), method="score_map")
+            probs.append(jax.nn.softmax(scores.mean(axis=(1, 2)))[0])
+    return np.mean(probs, axis=0)
+
+
+def test_dense_at_training_size_equals_plain_network(net):
+    model, variables = net
+    x = np.stack(images([(SIZE, SIZE)] * 3))
+    pre = checkpoints.Preprocessing(mean=(0.4, 0.5, 0.6), value_range=1.0, std=(0.2, 0.3, 0.4))
+    dense = ev.DenseEvaluator(model, variables, scales=(SIZE,), flip=False, preprocess=pre)
+    np.testing.assert_allclose(
+        dense.predict(x), plain_softmax(model, variables, x, pre), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_padding_never_leaks_into_the_average(net, monkeypatch):
+    """Bucketed, padded, batched evaluation equals each image run alone at its own size."""
+    model, variables = net
+    shapes = [(32, 32), (40, 70), (70, 45), (33, 65), (36, 50)]  # several per bucket
+    imgs = images(shapes, seed=1)
+    dense = ev.DenseEvaluator(model, variables, scales=(32, 40), flip=True, batch_size=2)
+    got = dense.predict(imgs)
+    want = np.stack([unpadded_dense(model, variables, im, (32, 40), True) for im in imgs])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert {dense.bucket_shape(*im.shape[:2]) for im in imgs} != {(32, 32)}  # padding happened
+
+    # Without the per-layer masks the border activations read the padding: the test has teeth.
+    monkeypatch.setattr(ev, "_masking_interceptor", lambda *a: lambda f, a2, k, c: f(*a2, **k))
+    leaky = ev.DenseEvaluator(model, variables, scales=(32, 40), flip=True, batch_size=2)
+    assert np.abs(leaky.predict(imgs) - want).max() > 1e-4
+
+
+def test_score_maps_have_the_unpadded_shape(net):
+    model, variables = net
+    imgs = images([(32, 96), (64, 40)])
+    dense = ev.DenseEvaluator(model, variables, scales=(32, 64), flip=False)
+    maps = dense.score_maps(imgs)
+    for im, per_scale in zip(imgs, maps, strict=True):
+        for q, m in per_scale.items():
+            x = ev.resize_image(im, *ev.rescaled_size(*im.shape[:2], q))
+            want = model.apply(variables, jnp.asarray(x[None]), method="score_map")[0]
+            np.testing.assert_allclose(m, want, rtol=1e-5, atol=1e-5)
+
+
+def test_compilations_bounded_by_buckets(net):
+    model, variables = net
+    rng = np.random.default_rng(2)
+    # 12 images of 12 different sizes with smallest side 32: long side 32..63 -> 1 or 2 buckets.
+    shapes = [
+        (32, int(w)) if i % 2 else (int(w), 32) for i, w in enumerate(rng.integers(32, 64, 12))
+    ]
+    dense = ev.DenseEvaluator(model, variables, scales=(SIZE,), flip=False, batch_size=4)
+    dense.predict(images(shapes))
+    buckets = {dense.bucket_shape(h, w) for h, w in shapes}
+    assert len(buckets) < len(set(shapes))
+    assert dense.compiled_shapes == len(buckets)
+    assert dense._predict_fn._cache_size() == len(buckets)
+    dense.predict(images(shapes[:5], seed=3))  # same buckets again: nothing new is compiled
+    assert dense._predict_fn._cache_size() == len(buckets)
+
+
+def test_multicrop_1x1_at_training_size_is_the_central_crop(net):
+    model, variables = net
+    imgs = images([(32, 48), (56, 32), (32, 32)])
+    mc = ev.MultiCropEvaluator(model, variables, scales=(SIZE,), grid=1, flip=False)
+    centres = []
+    for im in imgs:
+        y, x = (im.shape[0] - SIZE) // 2, (im.shape[1] - SIZE) // 2
+        centres.append(im[y : y + SIZE, x : x + SIZE])
+    want = plain_softmax(model, variables, np.stack(centres))
+    np.testing.assert_allclose(mc.predict(imgs), want, rtol=1e-5, atol=1e-6)
+
+
+def test_multicrop_averages_every_crop_of_every_scale(net):
+    model, variables = net
+    (im,) = images([(32, 40)])
+    mc = ev.MultiCropEvaluator(model, variables, scales=(32, 48), grid=2, flip=True, batch_size=3)
+    assert mc.crops_per_image == 16
+    crops = []
+    for q in (32, 48):
+        r = ev.resize_image(im, *ev.rescaled_size(32, 40, q))
+        for y in ev.crop_offsets(r.shape[0], SIZE, 2):
+            for x in ev.crop_offsets(r.shape[1], SIZE, 2):
+                c = r[y : y + SIZE, x : x + SIZE]
+                crops += [c, c[:, ::-1]]
+    want = plain_softmax(model, variables, np.stack(crops)).mean(axis=0)
+    np.testing.assert_allclose(mc.predict([im])[0], want, rtol=1e-5, atol=1e-6)
+
+
+def test_crop_grid_is_mirror_symmetric_and_inside():
+    for length, grid in [(256, 5), (341, 5), (225, 3), (224, 5), (300, 1)]:
+        offsets = ev.crop_offsets(length, 224, grid)
+        assert all(0 <= o <= length - 224 for o in offsets)
+        assert sorted(length - 224 - o for o in offsets[: grid // 2]) == sorted(
+            offsets[grid - grid // 2 :]
+        )
+    assert ev.crop_offsets(256, 224, 5) == [0, 8, 16, 24, 32]
+    with pytest.raises(ValueError, match="crops"):
+        ev.crop_offsets(200, 224, 5)
+
+
+def test_flip_of_symmetric_image_changes_nothing(net):
+    model, variables = net
+    imgs = images([(32, 48), (40, 40)], seed=4)
+    symmetric = [(im + im[:, ::-1]) / 2 for im in imgs]
+    for cls, kw in [(ev.DenseEvaluator, {}), (ev.MultiCropEvaluator, {"grid": 3})]:
+        with_flip = cls(model, variables, scales=(32, 40), flip=True, **kw).predict(symmetric)
+        without = cls(model, variables, scales=(32, 40), flip=False, **kw).predict(symmetric)
+        np.testing.assert_allclose(with_flip, without, rtol=1e-5, atol=1e-6)
+        # ...while an ordinary image's flip does change the scores.
+        assert not np.allclose(
+            cls(model, variables, scales=(32,), flip=True, **kw).predict(imgs),
+            cls(model, variables, scales=(32,), flip=False, **kw).predict(imgs),
+        )
+
+
+def test_ensemble_of_one_checkpoint_twice_equals_it(net, tmp_path):
+    model, variables = net
+    pre = checkpoints.Preprocessing(mean=(0.5, 0.5, 0.5), value_range=1.0)
+    checkpoints.save_bundle(
+        tmp_path / "m", checkpoints.ModelBundle("vgg11", OPTIONS, variables, pre)
+    )
+    members = [ev.Member.from_bundle(checkpoints.load_bundle(tmp_path / "m")) for _ in range(2)]
+    imgs = images([(32, 40), (48, 32)], seed=5)
+    for mode in ev.MODES:
+        kw = dict(scales=(32, 40), grid=2, batch_size=2)
+        single = ev.build_evaluator(members[0], mode, **kw).predict(imgs)
+        both = ev.Ensemble.from_members(members, mode, **kw).predict(imgs)
+        np.testing.assert_array_equal(both, single)
+    # And a different second network does change the ensemble.
+    other = ev.Member(model, jax.tree.map(lambda x: -x, variables), pre)
+    mixed = ev.Ensemble.from_members([members[0], other], "dense", scales=(32,)).predict(imgs)
+    assert not np.allclose(mixed, ev.build_evaluator(members[0], "dense", (32,)).predict(imgs))
+
+
+def test_fusion_is_the_average_of_dense_and_multicrop(net):
+    model, variables = net
+    imgs = images([(32, 40)], seed=6)
+    dense = ev.DenseEvaluator(model, variables, scales=(32, 40))
+    mc = ev.MultiCropEvaluator(model, variables, scales=(32, 40), grid=2)
+    fused = ev.FusedEvaluator(dense, mc).predict(imgs)
+    np.testing.assert_allclose(fused, (dense.predict(imgs) + mc.predict(imgs)) / 2, rtol=1e-6)
+    with pytest.raises(ValueError, match="shapes"):
+        ev.fuse(np.zeros((2, 10)), np.zeros((2, 5)))
+
+
+def _batches(imgs, labels, batch, pad_to):
+    """(ImageSet, labels, mask) batches with padding entries at the end, as a pipeline gives."""
+    n = len(imgs)
+    blank = np.zeros_like(imgs[0])
+    for start in range(0, pad_to, batch):
+        idx = range(start, min(start + batch, pad_to))
+        ims = [imgs[i] if i < n else blank for i in idx]
+        lab = np.asarray([labels[i] if i < n else 0 for i in idx])
+        yield ev.ImageSet(ims), lab, np.asarray([i < n for i in idx])
+
+
+@pytest.mark.parametrize("num_devices,batch", [(1, 4), (8, 3), (8, 16)])
+def test_exact_counting_on_any_device_count(net, num_devices, batch):
+    model, variables = net
+    n = 13  # not divisible by any batch size used here
+    x = np.stack(images([(SIZE, SIZE)] * n, seed=7))
+    labels = np.random.default_rng(8).integers(0, 10, n)
+    probs = plain_softmax(model, variables, x)
+    ranks = np.argsort(-probs, axis=1)
+    want_top1 = int((ranks[:, 0] != labels).sum())
+    want_top5 = int((~(ranks[:, :5] == labels[:, None]).any(1)).sum())
+    assert 0 < want_top1 < n  # the reference itself has both outcomes
+
+    devices = jax.devices()[:num_devices]
+    protocols = ev.ProtocolSet.build(
+        [ev.Member(model, variables)],
+        "dense",
+        (SIZE,),
+        flip=False,
+        batch_size=batch,
+        devices=devices,
+    )
+    assert protocols.dense[0]._devices.count == num_devices
+    results = ev.evaluate_batches(protocols, _batches(list(x), labels, batch, n + 5))
+    counts = results[ev.Row("dense", (SIZE,))]
+    assert (counts.count, counts.top1_wrong, counts.top5_wrong) == (n, want_top1, want_top5)
+
+    limited = ev.evaluate_batches(protocols, _batches(list(x), labels, batch, n), limit=6)
+    assert limited[ev.Row("dense", (SIZE,))].count == 6
+
+
+def test_error_counts_by_hand():
+    probs = np.asarray([[0.1, 0.6, 0.3], [0.5, 0.2, 0.3], [0.2, 0.3, 0.5], [0.9, 0.05, 0.05]])
+    counts = ev.ErrorCounts()
+    counts.update(probs, np.asarray([1, 2, 0, 1]), np.asarray([True, True, True, False]))
+    assert (counts.count, counts.top1_wrong, counts.top5_wrong) == (3, 2, 0)
+    assert counts.top1_error == pytest.approx(2 / 3)
+
+
+def test_rows_of_every_mode(net):
+    model, variables = net
+    protocols = ev.ProtocolSet.build([ev.Member(model, variables)], "both", (32, 40), grid=2)
+    rows = protocols.predict_rows(images([(32, 36)]))
+    assert [r.label for r in rows] == [
+        "dense Q=32",
+        "dense Q=40",
+        "dense Q=32,40",
+        "multi-crop Q=32",
+        "multi-crop Q=40",
+        "multi-crop Q=32,40",
+        "multi-crop & dense Q=32,40",
+    ]
+    for p in rows.values():
+        np.testing.assert_allclose(p.sum(axis=-1), 1.0, rtol=1e-5)
+
+
+def test_bad_input_is_refused_clearly(net):
+    model, variables = net
+    with pytest.raises(ValueError, match="smaller than the model's image_size"):
+        ev.DenseEvaluator(model, variables, scales=(16, 32))
+    with pytest.raises(ValueError, match="batch axis"):
+        ev.DenseEvaluator(model, variables, scales=(32,)).predict(np.zeros((32, 32, 3)))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        ev.DenseEvaluator(model, variables, bucket_multiple=48)
+    with pytest.raises(ValueError, match="mode"):
+        ev.build_evaluator(ev.Member(model, variables), "tencrop")
+
+
+def test_paper_scales():
+    import ml_collections
+
+    c = ml_collections.ConfigDict(dict(train_scale_min=256, train_scale_max=512, image_size=224))
+    assert ev.paper_scales(c) == (256, 384, 512)
+    c.train_scale_max = 256
+    assert ev.paper_scales(c) == (224, 256, 288)
