@@ -247,6 +247,39 @@ def _masking_interceptor(valid_hw: Array, padded_height: int):
     return interceptor
 
 
+def _identity(x: Array) -> Array:
+    return x
+
+
+def _dense_forward(model, preprocess, spatial_average, maps, variables, x, valid_hw):
+    """Soft-max of the masked spatial average (or the masked score maps) of a padded batch."""
+    x = preprocess(x)
+    with nn.intercept_methods(_masking_interceptor(valid_hw, x.shape[1])):
+        scores = model.apply(variables, x, method="score_map")
+    # Valid score-map positions: exactly those the unpadded image has.
+    n = valid_hw // NETWORK_STRIDE - models.feature_map_size(model.image_size) + 1
+    mask = (jnp.arange(scores.shape[1])[None, :, None] < n[:, 0, None, None]) & (
+        jnp.arange(scores.shape[2])[None, None, :] < n[:, 1, None, None]
+    )
+    if maps:
+        return jnp.where(mask[..., None], scores, 0.0)
+    weights = mask[..., None] / jnp.sum(mask, axis=(1, 2))[:, None, None, None]
+    if spatial_average == "scores":
+        return _softmax(jnp.sum(scores * weights, axis=(1, 2)))
+    return jnp.sum(_softmax(scores) * weights, axis=(1, 2))
+
+
+@functools.lru_cache(maxsize=64)
+def _dense_fn(model, preprocess, spatial_average, maps):
+    """One jitted function per network and preprocessing, shared by all evaluators of it."""
+    return jax.jit(functools.partial(_dense_forward, model, preprocess, spatial_average, maps))
+
+
+@functools.lru_cache(maxsize=64)
+def _crop_fn(model, preprocess):
+    return jax.jit(lambda v, x: _softmax(model.apply(v, preprocess(x), train=False)))
+
+
 class DenseEvaluator:
     """The paper's dense (fully-convolutional) multi-scale evaluation.
 
@@ -281,7 +314,7 @@ class DenseEvaluator:
         self.model = model
         self.scales = _check_scales(scales, model.image_size)
         self.flip = flip
-        self.preprocess = preprocess or (lambda x: x)
+        self.preprocess = preprocess or _identity
         self.batch_size = batch_size
         self.bucket_multiple = bucket_multiple
         self.spatial_average = spatial_average
@@ -289,34 +322,19 @@ class DenseEvaluator:
         self.variables = self._devices.put_replicated(dict(variables))
         self.num_classes = model.num_classes
         self._window = models.feature_map_size(model.image_size)
+        # (kind, shape) of every batch run, i.e. the shapes this evaluator needs compiled.
         self._compiled: set[tuple[str, tuple[int, ...]]] = set()
-        self._predict_fn = jax.jit(functools.partial(self._forward, maps=False))
-        self._maps_fn = jax.jit(functools.partial(self._forward, maps=True))
+        self._predict_fn = _dense_fn(model, self.preprocess, spatial_average, False)
+        self._maps_fn = _dense_fn(model, self.preprocess, spatial_average, True)
 
     @property
     def compiled_shapes(self) -> int:
-        """How many input shapes were compiled (one per bucket and output kind)."""
+        """How many batch shapes this evaluator ran (one compilation each, per bucket and kind)."""
         return len(self._compiled)
 
     def bucket_shape(self, height: int, width: int) -> tuple[int, int]:
         m = self.bucket_multiple
         return -(-height // m) * m, -(-width // m) * m
-
-    def _forward(self, variables, x, valid_hw, *, maps: bool):
-        x = self.preprocess(x)
-        with nn.intercept_methods(_masking_interceptor(valid_hw, x.shape[1])):
-            scores = self.model.apply(variables, x, method="score_map")
-        # Valid score-map positions: those the unpadded image has.
-        n = valid_hw // NETWORK_STRIDE - self._window + 1
-        mask = (jnp.arange(scores.shape[1])[None, :, None] < n[:, 0, None, None]) & (
-            jnp.arange(scores.shape[2])[None, None, :] < n[:, 1, None, None]
-        )
-        if maps:
-            return jnp.where(mask[..., None], scores, 0.0)
-        weights = mask[..., None] / jnp.sum(mask, axis=(1, 2))[:, None, None, None]
-        if self.spatial_average == "scores":
-            return _softmax(jnp.sum(scores * weights, axis=(1, 2)))
-        return jnp.sum(_softmax(scores) * weights, axis=(1, 2))
 
     def _run(self, fn, kind: str, images: list[np.ndarray], bucket: tuple[int, int]) -> np.ndarray:
         """One call on images of one bucket: (len(images), ...) outputs."""
@@ -422,14 +440,12 @@ class MultiCropEvaluator:
         self.scales = _check_scales(scales, model.image_size)
         self.grid = grid
         self.flip = flip
-        self.preprocess = preprocess or (lambda x: x)
+        self.preprocess = preprocess or _identity
         self._devices = _Devices(devices)
         self.batch_size = self._devices.round_up(batch_size)
         self.variables = self._devices.put_replicated(dict(variables))
         self.num_classes = model.num_classes
-        self._forward = jax.jit(
-            lambda v, x: _softmax(self.model.apply(v, self.preprocess(x), train=False))
-        )
+        self._forward = _crop_fn(model, self.preprocess)
 
     @property
     def crops_per_image(self) -> int:
