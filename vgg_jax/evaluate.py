@@ -842,27 +842,30 @@ def _base_config(args: argparse.Namespace) -> Any:
     return module.get_config(variant) if variant else module.get_config()
 
 
+def load_network(path: str, which: str = "best") -> tuple[Member, checkpoints.ModelBundle]:
+    """A model bundle directory, or a training workdir (its best or latest checkpoint)."""
+    if not os.path.exists(path):
+        raise SystemExit(f"{path} does not exist.")
+    if checkpoints.is_bundle(path):
+        bundle = checkpoints.load_bundle(path)
+    else:
+        load_workdir = getattr(checkpoints, "load_workdir", None)
+        if load_workdir is None:
+            raise SystemExit(
+                f"{path} is not a model bundle, and this version of vgg_jax cannot read "
+                "training workdirs (checkpoints.load_workdir is missing)."
+            )
+        bundle = load_workdir(path, which=which)
+    name = os.path.basename(os.path.normpath(path))
+    return Member.from_bundle(bundle, name=name), bundle
+
+
 def load_members(args: argparse.Namespace) -> list[Member]:
     """The networks named by --workdir / --checkpoint (bundles or training workdirs)."""
     paths = ([args.workdir] if args.workdir else []) + list(args.checkpoint or [])
     if not paths:
         raise SystemExit("Name a network: --workdir RUN_DIR or --checkpoint BUNDLE_DIR.")
-    members = []
-    for path in paths:
-        if not os.path.exists(path):
-            raise SystemExit(f"{path} does not exist.")
-        if checkpoints.is_bundle(path):
-            bundle = checkpoints.load_bundle(path)
-        else:
-            load_workdir = getattr(checkpoints, "load_workdir", None)
-            if load_workdir is None:
-                raise SystemExit(
-                    f"{path} is not a model bundle, and this version of vgg_jax cannot read "
-                    "training workdirs (checkpoints.load_workdir is missing)."
-                )
-            bundle = load_workdir(path, which=args.which)
-        members.append(Member.from_bundle(bundle, name=os.path.basename(os.path.normpath(path))))
-    return members
+    return [load_network(path, args.which)[0] for path in paths]
 
 
 def _data_config(args: argparse.Namespace, members: Sequence[Member]) -> Any:
