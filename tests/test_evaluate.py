@@ -283,3 +283,59 @@ def test_paper_scales():
     assert ev.paper_scales(c) == (256, 384, 512)
     c.train_scale_max = 256
     assert ev.paper_scales(c) == (224, 256, 288)
+
+
+# ---------------------------------------------------------------------------
+# Command-line tools.
+
+
+def save_bundle(path, channels, seed=0, **metadata):
+    model = models.create_model("A", **OPTIONS)
+    variables = jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, SIZE, SIZE, channels)))
+    pre = checkpoints.Preprocessing(mean=(0.3,) * channels, value_range=1.0, std=(0.3,) * channels)
+    bundle = checkpoints.ModelBundle("vgg11", OPTIONS, dict(variables), pre, metadata)
+    return checkpoints.save_bundle(path, bundle)
+
+
+def test_score_map_cli_writes_heat_maps(tmp_path, capsys):
+    from PIL import Image
+    from skimage import data
+
+    from vgg_jax import image_io, score_map
+
+    photo = tmp_path / "cat.jpg"
+    Image.fromarray(data.chelsea()).resize((90, 60)).save(photo)
+    names = [f"thing{i}" for i in range(10)]
+    bundle = save_bundle(tmp_path / "grey", channels=1, class_names=names)
+    out = score_map.main([str(photo), "--checkpoint", bundle, "--scale", "64", "--top", "2",
+                          "--output", str(tmp_path / "maps.png")])  # fmt: skip
+    with Image.open(out) as png:
+        assert png.format == "PNG" and png.size[0] > png.size[1]
+    printed = capsys.readouterr().out
+    assert sum(name in printed for name in names) == 2
+
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(photo.read_bytes()[:300])
+    with pytest.raises(ValueError, match="broken.jpg"):
+        image_io.load_image(broken)
+    assert image_io.load_image(photo, channels=1).shape == (60, 90, 1)
+
+
+def test_evaluate_cli_on_fashion_mnist(tmp_path, capsys):
+    pytest.importorskip(
+        "vgg_jax.input_pipeline", reason="the input pipeline (issue 3) is not merged yet"
+    )
+    import json
+
+    a = save_bundle(tmp_path / "a", channels=1, seed=0)
+    output = tmp_path / "results.json"
+    argv = "--dataset fashion_mnist --split test --limit 10 --batch-size 4 --scales 32,40"
+    argv = [*argv.split(), "--mode", "both", "--grid", "2", "--output", str(output)]
+    single = ev.main(["--checkpoint", a, *argv])
+    table = capsys.readouterr().out
+    assert "| multi-crop & dense | 32,40 |" in table
+    result = json.loads(output.read_text())
+    assert [r["count"] for r in result["rows"]] == [10] * 7
+    assert result["compiled_shapes"] >= 1
+    twice = ev.main(["--checkpoint", a, "--checkpoint", a, *argv])
+    assert twice["rows"] == single["rows"]
