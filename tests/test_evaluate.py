@@ -339,3 +339,84 @@ def test_evaluate_cli_on_fashion_mnist(tmp_path, capsys):
     assert result["compiled_shapes"] >= 1
     twice = ev.main(["--checkpoint", a, "--checkpoint", a, *argv])
     assert twice["rows"] == single["rows"]
+
+
+# ---------------------------------------------------------------------------
+# A small trained network evaluated with every protocol.
+
+FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+def fashion_mnist(split, n):
+    """The first n examples of real Fashion-MNIST (Debian's IDX files), pixels in [0, 1]."""
+    import gzip
+    import os
+
+    path = os.path.join(FASHION_DIR, f"{split}-images-idx3-ubyte.gz")
+    if not os.path.isfile(path):
+        pytest.skip(f"needs Debian's dataset-fashion-mnist ({FASHION_DIR}); .ci/run installs it")
+    with gzip.open(path) as f:
+        x = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28, 1)[:n]
+    with gzip.open(os.path.join(FASHION_DIR, f"{split}-labels-idx1-ubyte.gz")) as f:
+        y = np.frombuffer(f.read(), np.uint8, offset=8)[:n]
+    return x.astype(np.float32) / 255, y.astype(np.int32)
+
+
+def train_small_vgg(steps=400, batch=64, seed=0):
+    """VGG-A (widths / 8, FC 64, 32 px) trained briefly with scale jitter S in {32, 48, 64}."""
+    import optax
+    import tensorflow as tf
+
+    x, y = fashion_mnist("train", 6000)
+    model = models.create_model(
+        "A", num_classes=10, width_divisor=8, fc_width=64, image_size=SIZE, dropout_rate=0.0
+    )
+    params = jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, SIZE, SIZE, 1)))["params"]
+    pre = checkpoints.Preprocessing(mean=(0.3,), value_range=1.0, std=(0.3,))
+    tx = optax.adam(2e-3)
+
+    @jax.jit
+    def step(params, opt, xb, yb):
+        def loss(p):
+            logits = model.apply({"params": p}, pre(xb))
+            return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+
+        grads = jax.grad(loss)(params)
+        updates, opt = tx.update(grads, opt, params)
+        return optax.apply_updates(params, updates), opt
+
+    rescaled = {s: tf.image.resize(x, (s, s)).numpy() for s in (32, 48, 64)}
+    rng, opt = np.random.default_rng(seed), tx.init(params)
+    for _ in range(steps):
+        s = int(rng.choice(list(rescaled), p=[0.5, 0.25, 0.25]))
+        oy, ox = rng.integers(0, s - SIZE + 1, 2)
+        idx = rng.integers(0, len(x), batch)
+        xb = rescaled[s][idx, oy : oy + SIZE, ox : ox + SIZE]
+        params, opt = step(params, opt, xb[:, :, ::-1] if rng.random() < 0.5 else xb, y[idx])
+    return ev.Member(model, {"params": params}, pre)
+
+
+def test_trained_network_in_every_mode():
+    member = train_small_vgg()
+    x, y = fashion_mnist("t10k", 200)
+    single = ev.MultiCropEvaluator(
+        member.model, member.variables, (SIZE,), grid=1, flip=False, preprocess=member.preprocess
+    )
+    baseline = ev.ErrorCounts()
+    baseline.update(single.predict(list(x)), y)
+    protocols = ev.ProtocolSet.build([member], "both", (32, 64), grid=3, batch_size=32)
+    results = ev.evaluate_batches(protocols, [(ev.ImageSet(list(x)), y, np.ones(len(y), bool))])
+    print(ev.format_table(results, f"single crop top-1 error {baseline.top1_error:.3f}"))
+
+    assert baseline.top1_error < 0.45  # it learned something (chance: 0.9)
+    noise = 3 * np.sqrt(baseline.top1_error * (1 - baseline.top1_error) / len(y))
+    for row in [("dense", (32, 64)), ("multi-crop", (32, 64)), ("multi-crop & dense", (32, 64))]:
+        counts = results[ev.Row(*row)]
+        assert counts.count == len(y)
+        assert counts.top1_error <= baseline.top1_error + noise, row
+        assert counts.top5_error <= counts.top1_error
+    # At Q = image_size without flips dense and single crop are one computation.
+    dense32 = ev.DenseEvaluator(member.model, member.variables, (SIZE,), flip=False,
+                                preprocess=member.preprocess)  # fmt: skip
+    np.testing.assert_allclose(dense32.predict(list(x[:20])), single.predict(list(x[:20])),
+                               rtol=1e-4, atol=1e-6)  # fmt: skip
