@@ -251,6 +251,7 @@ def test_rows_of_every_mode(net):
     model, variables = net
     protocols = ev.ProtocolSet.build([ev.Member(model, variables)], "both", (32, 40), grid=2)
     rows = protocols.predict_rows(images([(32, 36)]))
+    assert list(rows) == protocols.rows()
     assert [r.label for r in rows] == [
         "dense Q=32",
         "dense Q=40",

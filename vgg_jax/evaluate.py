@@ -722,6 +722,18 @@ class ProtocolSet:
         _same_classes([*dense, *multicrop])
         return cls(dense, multicrop)
 
+    def rows(self) -> list[Row]:
+        """The rows `predict_rows` returns, in order (known before any data is seen)."""
+        rows = []
+        for name, evaluators in (("dense", self.dense), ("multi-crop", self.multicrop)):
+            if evaluators:
+                scales = evaluators[0].scales
+                rows += [Row(name, (q,)) for q in scales] if len(scales) > 1 else []
+                rows.append(Row(name, scales))
+        if self.dense and self.multicrop:
+            rows.append(Row("multi-crop & dense", self.dense[0].scales))
+        return rows
+
     def predict_rows(self, images: Any) -> dict[Row, np.ndarray]:
         """Soft-max outputs (ensemble-averaged) of every row: each scale alone, all, fused."""
         images = as_image_set(images)
@@ -760,7 +772,8 @@ def evaluate_batches(
 
     `limit` > 0 stops after that many real examples (of this process).
     """
-    counts: dict[Row, ErrorCounts] = {}
+    # Every row exists from the start: processes with no examples still take part in the sum.
+    counts = {row: ErrorCounts() for row in protocols.rows()}
     seen, start, last_report = 0, time.time(), time.time()
     for images, labels, mask in batches:
         mask = np.asarray(mask, bool)
@@ -770,7 +783,7 @@ def evaluate_batches(
         if len(keep):
             subset = images.subset(keep.tolist())
             for row, probs in protocols.predict_rows(subset).items():
-                counts.setdefault(row, ErrorCounts()).update(probs, np.asarray(labels)[keep])
+                counts[row].update(probs, np.asarray(labels)[keep])
             seen += len(keep)
         if progress and time.time() - last_report >= progress_every_s:
             last_report = time.time()
