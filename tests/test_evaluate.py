@@ -107,10 +107,12 @@ def test_compilations_bounded_by_buckets():
     dense.predict(images(shapes))
     buckets = {dense.bucket_shape(h, w) for h, w in shapes}
     assert len(buckets) < len(set(shapes))
-    assert dense.compiled_shapes == len(buckets)
-    assert dense._predict_fn._cache_size() == len(buckets)
-    dense.predict(images(shapes[:5], seed=3))  # same buckets again: nothing new is compiled
-    assert dense._predict_fn._cache_size() == len(buckets)
+    # Per bucket: full batches of 8 rows (4 images, on 8 devices) and a short last chunk.
+    assert len(buckets) <= dense.compiled_shapes <= 2 * len(buckets)
+    assert dense._predict_fn._cache_size() == dense.compiled_shapes
+    compiled = dense.compiled_shapes
+    dense.predict(images(shapes, seed=3))  # the same sizes again: nothing new is compiled
+    assert dense._predict_fn._cache_size() == dense.compiled_shapes == compiled
 
 
 def test_multicrop_1x1_at_training_size_is_the_central_crop(net):

@@ -18,10 +18,12 @@ images of different sizes); each applies its own `preprocess` callable
   outputs instead, for comparison.
 
   Bucketing: images of a batch are zero-padded to a bucket shape (both sides
-  rounded up to a multiple of 32, the network's total stride), so only a
-  few shapes are ever compiled. "Padding never leaks" is meant exactly:
-  the prediction for a padded image equals the prediction for the same image
-  run alone at its own size. Masking only the score-map positions whose
+  rounded up to a multiple of 32, the network's total stride), and a
+  bucket's short last chunk runs at the next power-of-two batch, so only a
+  few shapes are ever compiled (`compiled_shapes` reports how many).
+  "Padding never leaks" is meant exactly: the prediction for a padded image
+  equals the prediction for the same image run alone at its own size (up to
+  float rounding). Masking only the score-map positions whose
   window covers padding is not enough for that, because SAME convolutions
   near the right/bottom border of the real image would read the padding
   (ReLU(bias) after the first layer, not zeros). So every convolution's input
@@ -72,6 +74,8 @@ Preprocess = Callable[[Array], Array]
 # Five 2x2 pools: one score-map step is 32 input pixels.
 NETWORK_STRIDE = 2**models.NUM_STAGES
 DEFAULT_SCALES = (256, 384, 512)
+# The command line hands evaluators this many batches' worth of images at a time.
+GROUP_BATCHES = 4
 
 
 # ---------------------------------------------------------------------------
@@ -339,7 +343,10 @@ class DenseEvaluator:
     def _run(self, fn, kind: str, images: list[np.ndarray], bucket: tuple[int, int]) -> np.ndarray:
         """One call on images of one bucket: (len(images), ...) outputs."""
         n = len(images)
-        rows = self._devices.round_up(self.batch_size * (2 if self.flip else 1))
+        # A bucket's last chunk is usually short: run it at the next power of two rows, not
+        # the full batch (a bounded set of sizes, log2(batch) + 1 per bucket at most).
+        full = self._devices.round_up(self.batch_size * (2 if self.flip else 1))
+        rows = min(full, self._devices.round_up(1 << (n - 1).bit_length()))
         rows = max(rows, self._devices.round_up(n))
         channels = images[0].shape[-1]
         x = np.zeros((rows, *bucket, channels), np.float32)
@@ -982,7 +989,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     start = time.time()
     results = evaluate_batches(
         protocols,
-        dataset_batches(config, split, scales, args.batch_size),
+        # Groups of several network batches, so that images of one bucket batch together.
+        dataset_batches(config, split, scales, GROUP_BATCHES * args.batch_size),
         limit=args.limit,
         total=total,
         progress=log if jax.process_index() == 0 else None,
