@@ -42,8 +42,21 @@ Metrics (`ErrorCounts`) count top-1/top-5 errors on the host with a mask:
 exact whatever the batch size and the number of devices or processes.
 Batches are sharded over a 'data' mesh axis of the local devices.
 
-`python -m vgg_jax.evaluate --workdir runs/x` (or `--checkpoint BUNDLE`,
-repeatable for ensembles) runs it over a dataset split; see `--help`.
+Command line (one pass over the split gives every row: each scale alone, all
+scales, and with `--mode both` the fusion; the table is shaped like the
+paper's Tables 3-5 and `--output` writes the same numbers as JSON):
+
+    python -m vgg_jax.evaluate --workdir runs/vgg16 --mode both
+    python -m vgg_jax.evaluate --checkpoint weights/vgg16 --checkpoint weights/vgg19 \
+        --config configs/vgg16.py --mode both            # ensemble of D and E
+    python -m vgg_jax.evaluate --checkpoint weights/vgg16 --config configs/vgg16.py \
+        --mode multicrop --grid 1 --no-flip --scales 256  # the usual single centre crop
+
+Data come from `input_pipeline.eval_dataset(mode="full")`, one stream per
+scale Q (so every Q is resampled from the original image), with the
+pipeline's normalisation switched off: each network normalises the raw
+pixels itself. Default scales are the paper's for the run's training scale
+(`paper_scales`).
 """
 
 from __future__ import annotations
