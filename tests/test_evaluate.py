@@ -423,3 +423,40 @@ def test_trained_network_in_every_mode():
                                 preprocess=member.preprocess)  # fmt: skip
     np.testing.assert_allclose(dense32.predict(list(x[:20])), single.predict(list(x[:20])),
                                rtol=1e-4, atol=1e-6)  # fmt: skip
+
+
+def test_every_example_counted_once_from_an_image_folder(tmp_path):
+    """Odd-sized photos through the input pipeline, 1 and 2 (simulated) processes."""
+    import json
+
+    from PIL import Image
+    from skimage import data
+
+    photos = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket()]
+    for split, count in (("train", 2), ("val", 7)):
+        for i in range(count):
+            folder = tmp_path / "photos" / split / f"class{i % 2}"
+            folder.mkdir(parents=True, exist_ok=True)
+            w, h = [(60, 40), (40, 64), (50, 50), (90, 45)][i % 4]
+            Image.fromarray(photos[i % 4]).resize((w, h)).save(folder / f"{i}.jpg")
+    bundle = save_bundle(tmp_path / "m", channels=3)
+    output = tmp_path / "r.json"
+    argv = f"--checkpoint {bundle} --dataset image_folder --data-dir {tmp_path / 'photos'}"
+    ev.main([*argv.split(), "--split", "val", "--batch-size", "2", "--scales", "32,40",
+             "--output", str(output)])  # fmt: skip
+    rows = json.loads(output.read_text())["rows"]
+    assert [r["count"] for r in rows] == [7, 7, 7]
+
+    args = ev.parse_args([*argv.split()])
+    members = ev.load_members(args)
+    config = ev._data_config(args, members)
+    protocols = ev.ProtocolSet.build(members, "dense", (32,), flip=False, batch_size=2)
+    shares = [
+        ev.evaluate_batches(
+            protocols, ev.dataset_batches(config, "val", (32,), 3, process_index=i, process_count=2)
+        )[ev.Row("dense", (32,))]
+        for i in range(2)
+    ]
+    assert sorted(s.count for s in shares) == [3, 4]  # disjoint shares, padding masked
+    total = shares[0].merge(shares[1])
+    assert total.top1_wrong == round(rows[0]["top1_error"] * 7)

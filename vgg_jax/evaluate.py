@@ -918,13 +918,31 @@ def _data_config(args: argparse.Namespace, members: Sequence[Member]) -> Any:
 
 
 def dataset_batches(
-    config: Any, split: str, scales: Sequence[int], batch_size: int
+    config: Any,
+    split: str,
+    scales: Sequence[int],
+    batch_size: int,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
 ) -> Iterator[tuple[ImageSet, np.ndarray, np.ndarray]]:
-    """Groups of `batch_size` examples, each image rescaled by the input pipeline to every Q."""
+    """Groups of `batch_size` examples of this process's share, rescaled to every Q.
+
+    The pipeline pads the shares of all processes to the same length; the
+    padding entries carry mask False.
+    """
     from vgg_jax import input_pipeline
 
     streams = [
-        input_pipeline.eval_dataset(config, split=split, mode="full", scale=q) for q in scales
+        input_pipeline.eval_dataset(
+            config,
+            split=split,
+            mode="full",
+            scale=q,
+            process_index=process_index,
+            process_count=process_count,
+        )
+        for q in scales
     ]
     group: list[list[dict[str, np.ndarray]]] = []
     for examples in zip(*streams, strict=True):
