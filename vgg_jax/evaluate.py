@@ -982,7 +982,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scales", help="test scales Q, e.g. 256,384,512 (default: the paper's)")
     p.add_argument("--no-flip", action="store_true", help="do not add flipped images")
     p.add_argument("--grid", type=int, default=5, help="multi-crop grid side (5: 5x5)")
-    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N examples")
+    p.add_argument("--limit", type=int, default=0, help="only the first N examples (per process)")
     p.add_argument("--batch-size", type=int, default=8, help="images per network call")
     p.add_argument("--output", help="write the results as JSON here")
     return p.parse_args(argv)
@@ -1014,7 +1014,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise SystemExit(str(e)) from None
     from vgg_jax import input_pipeline
 
-    total = input_pipeline.num_examples(config, split)
+    # This process's share (the progress line and --limit are per process).
+    total = -(-input_pipeline.num_examples(config, split) // jax.process_count())
     total = min(total, args.limit) if args.limit else total
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     start = time.time()
