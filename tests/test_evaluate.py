@@ -460,3 +460,21 @@ def test_every_example_counted_once_from_an_image_folder(tmp_path):
     assert sorted(s.count for s in shares) == [3, 4]  # disjoint shares, padding masked
     total = shares[0].merge(shares[1])
     assert total.top1_wrong == round(rows[0]["top1_error"] * 7)
+
+
+def test_spatial_average_of_scores_or_of_softmax(net):
+    """Default: average the score map, then soft-max (the paper); optionally the reverse."""
+    model, variables = net
+    (im,) = images([(64, 96)], seed=9)
+    scores = score_map(model, variables, jnp.asarray(im[None]))[0]
+    kw = dict(scales=(64,), flip=False)
+    np.testing.assert_allclose(
+        ev.DenseEvaluator(model, variables, **kw).predict([im])[0],
+        jax.nn.softmax(scores.mean(axis=(0, 1))),
+        rtol=1e-5,
+    )
+    np.testing.assert_allclose(
+        ev.DenseEvaluator(model, variables, spatial_average="softmax", **kw).predict([im])[0],
+        jax.nn.softmax(scores).mean(axis=(0, 1)),
+        rtol=1e-5,
+    )
