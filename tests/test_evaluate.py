@@ -478,3 +478,40 @@ def test_spatial_average_of_scores_or_of_softmax(net):
         jax.nn.softmax(scores).mean(axis=(0, 1)),
         rtol=1e-5,
     )
+
+
+def test_evaluate_and_score_map_on_a_training_workdir(tmp_path, capsys):
+    """The seed's quick config (tiny widths) trained a few steps, then both tools on its workdir."""
+    import importlib.util
+    import json
+    import os
+
+    train = pytest.importorskip("vgg_jax.train", reason="the trainer (issue 4) is not merged yet")
+    from PIL import Image
+    from skimage import data
+
+    from vgg_jax import score_map
+
+    configs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    spec = importlib.util.spec_from_file_location("fm", os.path.join(configs, "fashion_mnist.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("quick")
+    config.update(dict(width_divisor=16, fc_width=32, max_steps=3, progress_bar=False))
+    config.update(dict(tensorboard=False) if "tensorboard" in config else {})
+    run = str(tmp_path / "run")
+    train.train_and_evaluate(config, run)
+
+    output = tmp_path / "results.json"
+    summary = ev.main(["--workdir", run, "--limit", "12", "--mode", "both", "--grid", "2",
+                       "--output", str(output)])  # fmt: skip
+    assert summary == json.loads(output.read_text())
+    assert {tuple(r["scales"]) for r in summary["rows"]} == {(32,), (64,), (32, 64)}  # paper's
+    assert all(r["count"] == 12 for r in summary["rows"]) and len(summary["rows"]) == 7
+    assert "| multi-crop & dense | 32,64 |" in capsys.readouterr().out
+
+    photo = tmp_path / "coffee.png"
+    Image.fromarray(data.coffee()).resize((80, 60)).save(photo)
+    png = score_map.main([str(photo), "--workdir", run, "--output", str(tmp_path / "m.png")])
+    with Image.open(png) as image:
+        assert image.format == "PNG"
