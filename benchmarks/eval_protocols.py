@@ -1,6 +1,6 @@
 """Images per second of the paper's test protocols, and the cost of 150-crop vs dense.
 
-    python benchmarks/eval_protocols.py --model vgg16 --width-divisor 8 --fc-width 512
+    python -m benchmarks.eval_protocols --model vgg16 --width-divisor 8 --fc-width 512
 
 Protocols: single central crop (Q=256), dense at each of Q=256/384/512 (no flip),
 dense over three scales with flips, 150-crop multi-crop (5x5 grid, flips, three
