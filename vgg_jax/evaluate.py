@@ -76,7 +76,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
+from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vgg_jax import checkpoints, layers, models
@@ -197,7 +197,8 @@ class _Devices:
     def __init__(self, devices: Sequence[jax.Device] | None) -> None:
         devices = list(devices or jax.local_devices())
         self.count = len(devices)
-        self.mesh = jax.make_mesh((self.count,), ("data",), devices=devices)
+        # Auto axes: the layers reshape batch-sharded arrays, which explicit axes refuse.
+        self.mesh = jax.make_mesh((self.count,), ("data",), (AxisType.Auto,), devices=devices)
         self.batch = NamedSharding(self.mesh, P("data"))
         self.replicated = NamedSharding(self.mesh, P())
 
