@@ -1,0 +1,132 @@
+"""Class score maps of one image: `python -m vgg_jax.score_map IMAGE --checkpoint BUNDLE`.
+
+Runs the network fully convolutionally (the paper's dense evaluation) on the
+image rescaled to smallest side Q, and writes a PNG: the image, then for each
+of the top classes (by the spatially averaged scores) the per-position soft-max
+probability of that class laid over the image. Position (i, j) of the map is
+the network's view of the window of image_size pixels starting at 32 * (i, j).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from vgg_jax import evaluate, image_io
+
+
+def class_names(bundle, labels_file: str | None, num_classes: int) -> list[str]:
+    """From --labels (one name a line), the bundle's metadata, or class indices."""
+    if labels_file:
+        with open(labels_file) as f:
+            names = [line.strip() for line in f if line.strip()]
+        if len(names) != num_classes:
+            raise SystemExit(
+                f"{labels_file} has {len(names)} names but the network has {num_classes} classes."
+            )
+        return names
+    names = (bundle.metadata or {}).get("class_names")
+    if names and len(names) == num_classes:
+        return list(names)
+    return [f"class {i}" for i in range(num_classes)]
+
+
+def default_scale(image_size: int) -> int:
+    """The paper's middle test scale (384 for 224 crops), in proportion to image_size."""
+    return int(round(image_size * 384 / 224))
+
+
+def top_class_maps(
+    dense: evaluate.DenseEvaluator, image: np.ndarray, top: int
+) -> tuple[np.ndarray, list[int], np.ndarray, np.ndarray]:
+    """(image at Q, top class indices, their average probabilities, their probability maps)."""
+    (q,) = dense.scales
+    scores = dense.score_maps([image])[0][q]
+    probs = np.asarray(evaluate._softmax(scores.mean(axis=(0, 1))))
+    classes = [int(c) for c in np.argsort(-probs)[:top]]
+    position_probs = np.asarray(evaluate._softmax(scores))
+    rescaled = evaluate.ImageSet([image]).at_scale(q)[0]
+    return rescaled, classes, probs[classes], position_probs[..., classes]
+
+
+def draw(
+    image: np.ndarray,
+    names: Sequence[str],
+    probs: Sequence[float],
+    maps: np.ndarray,
+    window: int,
+    output: str,
+) -> None:
+    """Saves the image and one heat-map panel per class to `output` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stride = evaluate.NETWORK_STRIDE
+    rows, cols = maps.shape[:2]
+    # Each map cell drawn over the centre of its window, one stride wide.
+    half = window * stride / 2
+    extent = (half - stride / 2, half + (cols - 0.5) * stride, half + (rows - 0.5) * stride,
+              half - stride / 2)  # fmt: skip
+    shown = image[..., 0] if image.shape[-1] == 1 else image
+    top = max(float(maps.max()), 1e-6)  # one colour scale for all panels
+    fig, axes = plt.subplots(1, len(names) + 1, figsize=(4 * (len(names) + 1), 4.4))
+    axes[0].imshow(np.clip(shown, 0, 1), cmap="gray" if shown.ndim == 2 else None)
+    axes[0].set_title(f"input, Q={min(image.shape[:2])}")
+    for ax, name, p, m in zip(axes[1:], names, probs, np.moveaxis(maps, -1, 0), strict=True):
+        ax.imshow(np.clip(shown, 0, 1), cmap="gray" if shown.ndim == 2 else None)
+        heat = ax.imshow(m, cmap="jet", alpha=0.5, extent=extent, vmin=0, vmax=top)
+        ax.set_xlim(0, image.shape[1])
+        ax.set_ylim(image.shape[0], 0)
+        ax.set_title(f"{name}: {100 * p:.1f}%")
+    for ax in axes:
+        ax.axis("off")
+    fig.colorbar(heat, ax=axes[1:], shrink=0.8, label="per-position soft-max probability")
+    fig.savefig(output, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    p = argparse.ArgumentParser(
+        prog="python -m vgg_jax.score_map", description="Heat maps of the top classes of an image."
+    )
+    p.add_argument("image", help="JPEG/PNG file")
+    p.add_argument("--workdir", help="training run directory")
+    p.add_argument("--which", default="best", choices=("best", "latest"))
+    p.add_argument("--checkpoint", help="model bundle directory (e.g. converted weights)")
+    p.add_argument("--scale", type=int, help="test scale Q (default: 384 for 224 networks)")
+    p.add_argument("--top", type=int, default=3, help="number of classes to draw")
+    p.add_argument("--labels", help="text file with one class name per line")
+    p.add_argument("--output", help="PNG to write (default: IMAGE_score_map.png here)")
+    args = p.parse_args(argv)
+    if bool(args.workdir) == bool(args.checkpoint):
+        raise SystemExit("Name one network: --workdir RUN_DIR or --checkpoint BUNDLE_DIR.")
+    member, bundle = evaluate.load_network(args.workdir or args.checkpoint, args.which)
+    channels = int(member.variables["params"]["features"]["conv1_1"]["kernel"].shape[2])
+    image = image_io.load_image(args.image, channels)
+    size = member.model.image_size
+    q = args.scale or default_scale(size)
+    try:
+        dense = evaluate.DenseEvaluator(
+            member.model, member.variables, (q,), flip=False, preprocess=member.preprocess
+        )
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    top = max(1, min(args.top, member.model.num_classes))
+    rescaled, classes, probs, maps = top_class_maps(dense, image, top)
+    names = class_names(bundle, args.labels, member.model.num_classes)
+    output = args.output or os.path.splitext(os.path.basename(args.image))[0] + "_score_map.png"
+    window = size // evaluate.NETWORK_STRIDE
+    draw(rescaled, [names[c] for c in classes], probs, maps, window, output)
+    for c, pr in zip(classes, probs, strict=True):
+        print(f"{names[c]}: {100 * pr:.2f}%")
+    print(f"wrote {output}")
+    return output
+
+
+if __name__ == "__main__":
+    main()
