@@ -246,7 +246,213 @@ if eval_rows:
     ]
 
 
-NOTEBOOK_CELLS = {"quickstart.ipynb": quickstart}
+def pretrained() -> list[nbformat.NotebookNode]:
+    name = "pretrained.ipynb"
+    return [
+        markdown(f"""
+# Pretrained VGG weights in vgg_jax
+
+{BADGE.format(url=COLAB_URL.format(name=name))}
+
+Nobody trains VGG16 for three weeks to get ImageNet weights: they come from
+torchvision or Keras. This notebook converts such a file into a `vgg_jax`
+model bundle (the parameters plus the source framework's input
+preprocessing, so the outputs are the source's), classifies a photograph,
+looks at the convolutional features and computes a perceptual loss.
+
+Where the weights come from (settings cell below):
+
+* `WEIGHTS_FILE`: a file you have, e.g. uploaded to Colab (folder icon ->
+  upload) or on Google Drive: torchvision `.pth`/`.safetensors`, Keras `.h5`
+  or `.weights.h5`.
+* otherwise `DOWNLOAD = "keras"` (528 MB, `keras.applications.VGG16(weights="imagenet")`)
+  or `"torchvision"` (`vgg16-397923af.pth` from download.pytorch.org).
+* `DOWNLOAD = None` builds a Keras VGG16 with **random** weights and saves
+  it: the offline path the test suite takes. Everything runs the same, but
+  the predicted classes then mean nothing.
+"""),
+        code(INSTALL),
+        code(
+            """
+WEIGHTS_FILE = ""      # a torchvision or Keras VGG weights file; "" = download or build one
+DOWNLOAD = "keras"     # "keras", "torchvision", or None (random Keras weights, offline)
+WORK_DIR = "pretrained_weights"
+FEATURE_LAYERS = ("relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3")
+""",
+            tags=("parameters",),
+        ),
+        code(DEVICES),
+        markdown("""
+## Getting a weights file
+"""),
+        code("""
+import os
+
+os.makedirs(WORK_DIR, exist_ok=True)
+
+
+def keras_vgg16_file(pretrained):
+    import keras
+
+    net = keras.applications.VGG16(weights="imagenet" if pretrained else None)
+    stem = "vgg16_imagenet" if pretrained else "vgg16_random"
+    path = os.path.join(WORK_DIR, stem + ".weights.h5")
+    net.save_weights(path)
+    keras.backend.clear_session()
+    return path
+
+
+def torchvision_vgg16_file():
+    import urllib.request
+
+    path = os.path.join(WORK_DIR, "vgg16-397923af.pth")
+    if not os.path.exists(path):
+        urllib.request.urlretrieve("https://download.pytorch.org/models/vgg16-397923af.pth", path)
+    return path
+
+
+if WEIGHTS_FILE:
+    path = WEIGHTS_FILE
+elif DOWNLOAD == "torchvision":
+    path = torchvision_vgg16_file()
+else:
+    path = keras_vgg16_file(pretrained=DOWNLOAD == "keras")
+PRETRAINED = bool(WEIGHTS_FILE) or DOWNLOAD is not None
+print(f"weights: {path} ({os.path.getsize(path) / 2**20:.0f} MiB)",
+      "" if PRETRAINED else "-- RANDOM weights: the classes below mean nothing")
+"""),
+        markdown("""
+## Converting
+
+`convert_file` recognises the format from the file's contents (never
+unpickling anything), maps the layer names, reshapes FC1 into the 7x7
+window of the dense head (torchvision flattens channel-major, Keras
+channels-last) and records the preprocessing. `save_bundle` writes it as
+JSON metadata plus an orbax checkpoint, loadable by `predict`, `evaluate`
+and fine-tuning (`config.init_from`). The command line does the same:
+`python -m vgg_jax.convert FILE --to DIR`.
+"""),
+        code("""
+from vgg_jax import checkpoints, convert
+
+bundle = convert.convert_file(path)
+saved = checkpoints.save_bundle(os.path.join(WORK_DIR, "vgg16_bundle"), bundle)
+bundle = checkpoints.load_bundle(saved)
+model, variables = bundle.model, bundle.variables
+print(bundle.name, bundle.options)
+print("preprocessing:", bundle.preprocessing)
+"""),
+        markdown("""
+## Classifying a photograph
+
+The usual single crop: smallest side 256, the central 224x224, the
+source's preprocessing, soft-max over the 1000 ImageNet classes.
+"""),
+        code("""
+from skimage import data
+from skimage.transform import resize
+
+from vgg_jax.imagenet_classes import class_name
+
+
+def rescale(image, smallest_side):
+    h, w = image.shape[:2]
+    s = smallest_side / min(h, w)
+    return resize(image, (round(h * s), round(w * s)), anti_aliasing=True).astype(np.float32)
+
+
+def central_crop(image, size):
+    h, w = image.shape[:2]
+    top, left = (h - size) // 2, (w - size) // 2
+    return image[top : top + size, left : left + size]
+
+
+photo = data.chelsea()  # pixels in [0, 255]; the bundle's preprocessing wants [0, 1]
+crop = central_crop(rescale(photo, 256), 224)
+logits = jax.jit(model.apply)(variables, bundle.preprocessing(jnp.asarray(crop)[None]))
+probs = jax.nn.softmax(logits[0])
+top5 = np.argsort(-np.asarray(probs))[:5]
+for i in top5:
+    print(f"{float(probs[i]):7.2%}  {class_name(int(i))}")
+
+plt.figure(figsize=(4, 4))
+plt.imshow(crop)
+plt.title(class_name(int(top5[0])))
+plt.axis("off")
+plt.show()
+"""),
+        markdown("""
+## The whole image at once: a class score map
+
+The same parameters applied fully convolutionally (the paper's dense
+evaluation) to the whole photograph at smallest side 384: one score vector
+per position. Averaging the map classifies the whole image.
+"""),
+        code("""
+full = rescale(photo, 384)
+score_map = jax.jit(lambda v, x: model.apply(v, x, method="score_map"))(
+    variables, bundle.preprocessing(jnp.asarray(full)[None])
+)
+dense_probs = jax.nn.softmax(score_map.mean(axis=(1, 2))[0])
+best = int(jnp.argmax(dense_probs))
+print(f"score map {score_map.shape}; dense top-1: {class_name(best)}",
+      f"({float(dense_probs[best]):.2%})")
+fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+axes[0].imshow(full)
+axes[1].imshow(np.asarray(jax.nn.softmax(score_map[0], axis=-1)[..., best]), cmap="magma")
+axes[1].set_title(f"P({class_name(best)}) per position")
+for ax in axes:
+    ax.axis("off")
+plt.show()
+"""),
+        markdown("""
+## Features
+
+The activations of named layers (`conv1_1` ... `conv5_3`, `relu*`,
+`pool1` ... `pool5`, `fc6`, `fc7`) in one forward pass, for any input size:
+the usual inputs of transfer learning and style transfer. Shown: the mean
+over channels of each layer's ReLU output.
+"""),
+        code("""
+x = bundle.preprocessing(jnp.asarray(rescale(photo, 224))[None])
+feats = model.apply(variables, x, list(FEATURE_LAYERS), method="extract")
+fig, axes = plt.subplots(1, len(FEATURE_LAYERS), figsize=(3 * len(FEATURE_LAYERS), 3))
+for ax, name in zip(axes, FEATURE_LAYERS):
+    f = feats[name][0]
+    print(f"{name:8s} {tuple(f.shape)}")
+    ax.imshow(np.asarray(f.mean(axis=-1)), cmap="viridis")
+    ax.set_title(name)
+    ax.axis("off")
+plt.show()
+"""),
+        markdown("""
+## Perceptual loss
+
+The distance between two images' VGG features (Johnson et al. 2016 use
+`relu2_2`; super-resolution and style-transfer work use several layers):
+small for a slightly blurred copy, larger for a noisy one, although the
+noisy copy can be closer in plain pixel distance.
+"""),
+        code("""
+from skimage.filters import gaussian
+
+from vgg_jax import features
+
+image = rescale(photo, 224)
+blurred = gaussian(image, sigma=1.0, channel_axis=-1).astype(np.float32)
+rng = np.random.default_rng(0)
+noisy = np.clip(image + rng.normal(0, 0.1, image.shape), 0, 1).astype(np.float32)
+
+layers = ("relu2_2", "relu3_3", "relu4_3")
+for label, other in (("blurred", blurred), ("noisy", noisy)):
+    loss = features.perceptual_loss(bundle, image[None], other[None], layers=layers)
+    pixel = float(np.mean((image - other) ** 2))
+    print(f"{label:8s} perceptual {float(loss):.4f}   pixel MSE {pixel:.5f}")
+"""),
+    ]
+
+
+NOTEBOOK_CELLS = {"quickstart.ipynb": quickstart, "pretrained.ipynb": pretrained}
 
 
 def build(name: str) -> nbformat.NotebookNode:
