@@ -215,9 +215,11 @@ result = train.train_and_evaluate(config, WORKDIR)
 ## Curves
 
 Training loss and accuracy as logged, test accuracy after each evaluation,
-read back from `metrics.jsonl`.
+read back from `metrics.jsonl`. (The trainer also saves this figure as
+`curves.png` in the workdir.)
 """),
         code("""
+%matplotlib inline
 import json
 
 records = [json.loads(line) for line in open(Path(WORKDIR) / "metrics.jsonl")]
