@@ -348,13 +348,14 @@ print("preprocessing:", bundle.preprocessing)
 ## Classifying a photograph
 
 The usual single crop: smallest side 256, the central 224x224, the
-source's preprocessing, soft-max over the 1000 ImageNet classes.
+source's preprocessing, soft-max over the 1000 ImageNet classes: what
+`python -m vgg_jax.predict IMAGE --weights DIR` prints.
 """),
         code("""
 from skimage import data
 from skimage.transform import resize
 
-from vgg_jax.imagenet_classes import class_name
+from vgg_jax import predict
 
 
 def rescale(image, smallest_side):
@@ -363,23 +364,17 @@ def rescale(image, smallest_side):
     return resize(image, (round(h * s), round(w * s)), anti_aliasing=True).astype(np.float32)
 
 
-def central_crop(image, size):
-    h, w = image.shape[:2]
-    top, left = (h - size) // 2, (w - size) // 2
-    return image[top : top + size, left : left + size]
-
-
-photo = data.chelsea()  # pixels in [0, 255]; the bundle's preprocessing wants [0, 1]
-crop = central_crop(rescale(photo, 256), 224)
-logits = jax.jit(model.apply)(variables, bundle.preprocessing(jnp.asarray(crop)[None]))
-probs = jax.nn.softmax(logits[0])
-top5 = np.argsort(-np.asarray(probs))[:5]
-for i in top5:
-    print(f"{float(probs[i]):7.2%}  {class_name(int(i))}")
+photo = data.chelsea() / 255.0  # a real photograph (a cat) as RGB pixels in [0, 1]
+crop = predict.central_crop(photo, bundle.image_size)  # smallest side 256, central 224x224
+probs = predict.single_crop_probabilities(bundle, crop[None])[0]
+names = predict.class_names(bundle)
+top5 = predict.top_k(probs, names, k=5)
+for index, name, p in top5:
+    print(f"{p:7.2%}  {name}")
 
 plt.figure(figsize=(4, 4))
 plt.imshow(crop)
-plt.title(class_name(int(top5[0])))
+plt.title(top5[0][1])
 plt.axis("off")
 plt.show()
 """),
@@ -397,12 +392,12 @@ score_map = jax.jit(lambda v, x: model.apply(v, x, method="score_map"))(
 )
 dense_probs = jax.nn.softmax(score_map.mean(axis=(1, 2))[0])
 best = int(jnp.argmax(dense_probs))
-print(f"score map {score_map.shape}; dense top-1: {class_name(best)}",
+print(f"score map {score_map.shape}; dense top-1: {names[best]}",
       f"({float(dense_probs[best]):.2%})")
 fig, axes = plt.subplots(1, 2, figsize=(11, 4))
 axes[0].imshow(full)
 axes[1].imshow(np.asarray(jax.nn.softmax(score_map[0], axis=-1)[..., best]), cmap="magma")
-axes[1].set_title(f"P({class_name(best)}) per position")
+axes[1].set_title(f"P({names[best]}) per position")
 for ax in axes:
     ax.axis("off")
 plt.show()
@@ -416,8 +411,10 @@ the usual inputs of transfer learning and style transfer. Shown: the mean
 over channels of each layer's ReLU output.
 """),
         code("""
-x = bundle.preprocessing(jnp.asarray(rescale(photo, 224))[None])
-feats = model.apply(variables, x, list(FEATURE_LAYERS), method="extract")
+from vgg_jax.features import features, perceptual_loss
+
+# With a bundle, images are RGB pixels in [0, 1]; its preprocessing is applied inside.
+feats = features(bundle, None, rescale(photo, 224)[None], layers=FEATURE_LAYERS)
 fig, axes = plt.subplots(1, len(FEATURE_LAYERS), figsize=(3 * len(FEATURE_LAYERS), 3))
 for ax, name in zip(axes, FEATURE_LAYERS):
     f = feats[name][0]
@@ -438,8 +435,6 @@ noisy copy can be closer in plain pixel distance.
         code("""
 from skimage.filters import gaussian
 
-from vgg_jax import features
-
 image = rescale(photo, 224)
 blurred = gaussian(image, sigma=1.0, channel_axis=-1).astype(np.float32)
 rng = np.random.default_rng(0)
@@ -447,7 +442,7 @@ noisy = np.clip(image + rng.normal(0, 0.1, image.shape), 0, 1).astype(np.float32
 
 layers = ("relu2_2", "relu3_3", "relu4_3")
 for label, other in (("blurred", blurred), ("noisy", noisy)):
-    loss = features.perceptual_loss(bundle, image[None], other[None], layers=layers)
+    loss = perceptual_loss(bundle, None, image[None], other[None], layers=layers)
     pixel = float(np.mean((image - other) ** 2))
     print(f"{label:8s} perceptual {float(loss):.4f}   pixel MSE {pixel:.5f}")
 """),

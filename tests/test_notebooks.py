@@ -54,7 +54,7 @@ def text_of(nb) -> str:
                 parts.append(out["text"])
             elif "data" in out and "text/plain" in out["data"]:
                 parts.append(out["data"]["text/plain"])
-    return "".join(parts)
+    return "\n".join(parts)
 
 
 def images_of(nb) -> int:
