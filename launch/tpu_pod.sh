@@ -27,7 +27,9 @@ Options:
   --zone ZONE                zone (default us-central2-b)
   --project PROJECT          project (default: gcloud's configured project)
   --accelerator-type TYPE    slice type (default v4-32: 4 hosts x 4 chips)
-  --version VERSION          TPU VM software version (default tpu-ubuntu2204-base)
+  --version VERSION          TPU VM software version (default: Google's JAX image for the
+                             accelerator: v2-alpha-tpuv6e, v2-alpha-tpuv5, v2-alpha-tpuv5-lite,
+                             tpu-ubuntu2204-base for v4 and older)
   --spot                     create a Spot slice (cheaper, can be preempted; rerun `up` to resume)
   --config CONFIG            trainer config (default configs/vgg16.py; `file.py:variant` allowed)
   --run RUN                  run name: workdir gs://BUCKET/vgg_jax/runs/RUN (default: from --config)
@@ -80,7 +82,7 @@ name=vgg-jax
 zone=us-central2-b
 project=""
 accelerator_type=v4-32
-version='tpu-ubuntu2204-base'
+version=""
 spot=0
 bucket=""
 config=configs/vgg16.py
@@ -116,6 +118,14 @@ while [ $# -gt 0 ]; do
   esac
 done
 
+if [ -z "$version" ]; then
+  case "$accelerator_type" in
+    v6e-*) version=v2-alpha-tpuv6e ;;
+    v5p-*) version=v2-alpha-tpuv5 ;;
+    v5litepod-* | v5e-*) version=v2-alpha-tpuv5-lite ;;
+    *) version='tpu-ubuntu2204-base' ;;
+  esac
+fi
 [ -n "$bucket" ] || die "--bucket is required: the workdir and the data must be on GCS, where every worker sees them."
 bucket=${bucket#gs://}
 bucket=${bucket%/}
@@ -136,6 +146,10 @@ remote_src='$HOME/vgg_jax'
 remote_log='$HOME/vgg_jax_train.log'
 # shellcheck disable=SC2016
 remote_pid='$HOME/vgg_jax_train.pid'
+# jax >= 0.10 needs Python >= 3.11; the TPU images are Ubuntu 22.04 (Python 3.10).
+# shellcheck disable=SC2016
+remote_venv='$HOME/vgg_jax_venv'
+remote_python="$remote_venv/bin/python"
 
 gcloud_scope=(--zone="$zone")
 [ -n "$project" ] && gcloud_scope+=(--project="$project")
@@ -206,13 +220,15 @@ do_install() {
     f=$(quote "$ref")
     get_source="if [ -d $remote_src/.git ]; then git -C $remote_src fetch -q $r $f; else git clone -q $r $remote_src && git -C $remote_src fetch -q $r $f; fi && git -C $remote_src checkout -q FETCH_HEAD"
   fi
-  note "install vgg_jax with jax[tpu] on every worker"
-  on_workers all "set -e; $get_source && python3 -m pip install -q -U pip && python3 -m pip install -q -e $remote_src 'jax[tpu]'"
+  local get_python="if [ ! -x $remote_python ]; then if ! command -v python3.11 >/dev/null; then sudo apt-get update -qq && sudo apt-get install -y -qq python3.11 python3.11-venv; fi && python3.11 -m venv $remote_venv; fi"
+  note "install vgg_jax with jax[tpu] on every worker, in a Python 3.11 venv"
+  on_workers all "set -e; $get_source && $get_python && $remote_python -m pip install -q -U pip && $remote_python -m pip install -q -e $remote_src 'jax[tpu]'"
 }
 
 # The one command every worker runs (no worker-specific part: JAX numbers the hosts).
 train_command() {
-  quote_all python3 -m vgg_jax.train --config "$config" --workdir "$workdir" \
+  printf '%s ' "$remote_python"
+  quote_all -m vgg_jax.train --config "$config" --workdir "$workdir" \
     --config.data_dir="$data_dir" --config.distributed=auto "${trainer_args[@]}"
 }
 

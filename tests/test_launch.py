@@ -145,6 +145,7 @@ def test_tpu_dry_run_creates_or_reuses_the_slice():
     (create,) = [c for c in commands if c[4:5] == ["create"]]
     for flag in ("--zone=us-central2-b", "--project=my-proj", "--accelerator-type=v4-64", "--spot"):
         assert flag in create
+    assert "--version=tpu-ubuntu2204-base" in create
     assert "--spot" not in [w for c in tpu_dry_run() for w in c]
 
 
@@ -157,9 +158,13 @@ def test_tpu_dry_run_installs_and_trains_on_every_worker_with_one_command():
         assert "--zone=us-central2-b" in c and "--project=my-proj" in c
     install, train = (remote_command(c) for c in ssh)
     assert "pip install" in install and "jax[tpu]" in install
+    # jax >= 0.10 needs Python >= 3.11 (the TPU images have 3.10): a venv of 3.11 runs it.
+    venv_python = "$HOME/vgg_jax_venv/bin/python"
+    assert "python3.11 -m venv $HOME/vgg_jax_venv" in install
+    assert f"{venv_python} -m pip install" in install and f"nohup {venv_python} -m" in train
     # The training command is a fixed string: nothing in it differs between workers.
     assert not re.search(r"worker|process_id|PROCESS_ID", train)
-    (python_part,) = re.findall(r"nohup (python3 -m vgg_jax\.train .*?) >>", train)
+    (python_part,) = re.findall(r"nohup (\S+/python -m vgg_jax\.train .*?) >>", train)
     words = shlex.split(python_part)
     assert words[words.index("--workdir") + 1] == "gs://my-bucket/vgg_jax/runs/vgg16_384"
     assert words[words.index("--config") + 1] == "configs/vgg16.py:384"
@@ -451,3 +456,16 @@ def test_local_two_processes_train_on_fashion_mnist(tmp_path):
     assert train and train[-1]["step"] == 2 and np.isfinite(train[-1]["train_loss"])
     assert evals and 0.0 <= evals[-1]["eval_top1_accuracy"] <= 1.0
     assert final_params(workdir)  # every process took part in writing the checkpoint
+
+
+@pytest.mark.parametrize(
+    "accelerator,version",
+    [("v5litepod-16", "v2-alpha-tpuv5-lite"), ("v5p-32", "v2-alpha-tpuv5"),
+     ("v6e-64", "v2-alpha-tpuv6e"), ("v3-32", "tpu-ubuntu2204-base")],
+)  # fmt: skip
+def test_tpu_software_version_follows_the_accelerator(accelerator, version):
+    result = run_script(
+        LAUNCH / "tpu_pod.sh", "create", "--dry-run", "--bucket", "b",
+        "--accelerator-type", accelerator,
+    )  # fmt: skip
+    assert f"--version={version}" in result.stdout
