@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -114,11 +115,14 @@ WEIGHTS_FILE = ""
 DOWNLOAD = None
 WORK_DIR = {str(tmp_path / "weights")!r}
 """
-    nb = execute("pretrained.ipynb", overrides, monkeypatch)
+    try:
+        nb = execute("pretrained.ipynb", overrides, monkeypatch)
+        assert (tmp_path / "weights" / "vgg16_random.weights.h5").exists()
+    finally:  # 0.5 GB of VGG16 weights and its bundle: not worth keeping in pytest's tmp dirs
+        shutil.rmtree(tmp_path / "weights", ignore_errors=True)
     text = text_of(nb)
     assert "RANDOM weights" in text
     assert "preprocessing: Preprocessing(channel_order='BGR'" in text  # Keras: Caffe convention
-    assert (tmp_path / "weights" / "vgg16_random.weights.h5").exists()
     top5 = re.findall(r"^ *\d+\.\d\d%  \S.*$", text, flags=re.M)
     assert len(top5) == 5  # five class names with probabilities
     assert "score map (1, 6, 12, 1000)" in text  # 384x577 -> 12x18 feature map -> 6x12 windows
