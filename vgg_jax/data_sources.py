@@ -1,0 +1,385 @@
+"""Where examples come from: tensorflow-datasets datasets and image folders.
+
+Every source hands the input pipeline the same thing: a `tf.data.Dataset` of
+still-encoded records `{'image': string, 'label': int64, 'name': string}` for
+one process's disjoint share of a split. Decoding happens later, in
+`vgg_jax.input_pipeline`, so that skipping records (resume) costs no decoding
+and so that JPEG sources can be decoded only where the crop needs them.
+
+Sources:
+
+- any tfds image-classification dataset with `image` and `label` features
+  (`imagenet2012`, `cifar10`, ...), prepared under `config.data_dir`;
+- `fashion_mnist`, which is also built offline from the four IDX files of
+  Debian's `dataset-fashion-mnist` package or of a directory the user names;
+- `image_folder`: `<data_dir>/<split>/<class>/<image>` with JPEG/PNG/BMP/GIF
+  files; class indices follow the sorted class names of the training split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import gzip
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+log = logging.getLogger(__name__)
+
+FASHION_MNIST_ENV = "VGG_JAX_FASHION_MNIST_DIR"
+DEBIAN_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+
+# IDX file stem -> (magic number, number of items) of the real Fashion-MNIST.
+_FASHION_IDX = {
+    "train-images-idx3-ubyte": (2051, 60_000),
+    "train-labels-idx1-ubyte": (2049, 60_000),
+    "t10k-images-idx3-ubyte": (2051, 10_000),
+    "t10k-labels-idx1-ubyte": (2049, 10_000),
+}
+
+FASHION_MNIST_HELP = (
+    "Fashion-MNIST is not available. Get it in one of three ways:\n"
+    "  1. on a machine with internet access, tensorflow-datasets downloads it "
+    "automatically (run again online);\n"
+    "  2. `sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu; files in "
+    f"{DEBIAN_FASHION_MNIST_DIR});\n"
+    "  3. put the four IDX files (train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], "
+    "t10k-images-idx3-ubyte[.gz], t10k-labels-idx1-ubyte[.gz]) in a directory and name it "
+    f"with config.manual_dir or the environment variable {FASHION_MNIST_ENV}."
+)
+
+
+# ---------------------------------------------------------------------------
+# Fashion-MNIST from IDX files.
+
+
+def read_idx(path: str, magic: int, count: int) -> np.ndarray:
+    """Reads one IDX file (gzip or raw), checking its header against the real data set.
+
+    Returns uint8 images (count, 28, 28, 1) or labels (count,).
+    """
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    header = np.frombuffer(data[:4], ">u4")
+    if header.size != 1 or int(header[0]) != magic:
+        raise ValueError(f"{path}: not an IDX file of the expected kind (magic {magic} expected).")
+    ndim = magic & 0xFF
+    dims = tuple(int(d) for d in np.frombuffer(data[4 : 4 + 4 * ndim], ">u4"))
+    if dims[0] != count:
+        raise ValueError(f"{path}: holds {dims[0]} items, Fashion-MNIST has {count}.")
+    body = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise ValueError(f"{path}: truncated ({body.size} bytes of {int(np.prod(dims))}).")
+    if ndim == 3:
+        return body.reshape(*dims, 1)
+    if body.max() > 9:
+        raise ValueError(f"{path}: label {body.max()} outside Fashion-MNIST's 0..9.")
+    return body.astype(np.int64)
+
+
+def find_fashion_mnist_dir(manual_dir: str = "") -> str | None:
+    """First directory with all four IDX files: manual_dir, $VGG_JAX_FASHION_MNIST_DIR, Debian."""
+    for d in (manual_dir, os.environ.get(FASHION_MNIST_ENV, ""), DEBIAN_FASHION_MNIST_DIR):
+        if d and all(_idx_path(d, stem) for stem in _FASHION_IDX):
+            return d
+    return None
+
+
+def _idx_path(directory: str, stem: str) -> str | None:
+    for name in (stem, stem + ".gz"):
+        p = os.path.join(directory, name)
+        if os.path.isfile(p):
+            return p
+    return None
+
+
+class _LocalFashionMNIST(tfds.image_classification.FashionMNIST, skip_registration=True):
+    """tfds's own `fashion_mnist` builder, fed from local IDX files instead of a download.
+
+    The dataset it writes is the regular `fashion_mnist` (same name, version,
+    features), so `tfds.builder('fashion_mnist', data_dir=...)` reads it later.
+    """
+
+    name = "fashion_mnist"
+
+    def __init__(self, *, idx_dir: str, **kwargs):
+        self._idx_dir = idx_dir
+        super().__init__(**kwargs)
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # nothing to download
+
+        def arrays(prefix: str):
+            out = []
+            for kind in ("images-idx3", "labels-idx1"):
+                stem = f"{prefix}-{kind}-ubyte"
+                out.append(read_idx(_idx_path(self._idx_dir, stem), *_FASHION_IDX[stem]))
+            return out
+
+        return [
+            tfds.core.SplitGenerator(name="train", gen_kwargs={"arrays": arrays("train")}),
+            tfds.core.SplitGenerator(name="test", gen_kwargs={"arrays": arrays("t10k")}),
+        ]
+
+    def _generate_examples(self, arrays):
+        images, labels = arrays
+        for i in range(len(labels)):
+            yield i, {"image": images[i], "label": labels[i]}
+
+
+def fashion_mnist_builder(data_dir: str, manual_dir: str = "") -> tfds.core.DatasetBuilder:
+    """The prepared tfds `fashion_mnist` builder, preparing it once if needed.
+
+    Order: already prepared in data_dir; local IDX files (no network, so no hang
+    offline); tfds's own download. Fails with the three ways to get the data.
+    """
+    data_dir = data_dir or None
+    builder = tfds.builder("fashion_mnist", data_dir=data_dir)
+    if builder.is_prepared():
+        return builder
+    idx_dir = find_fashion_mnist_dir(manual_dir)
+    if idx_dir is not None:
+        log.info("Preparing tfds fashion_mnist from the IDX files in %s", idx_dir)
+        local = _LocalFashionMNIST(idx_dir=idx_dir, data_dir=data_dir)
+        local.download_and_prepare(
+            download_dir=os.path.join(tempfile.gettempdir(), "vgg_jax_fashion_mnist_dl")
+        )
+        return tfds.builder("fashion_mnist", data_dir=data_dir)
+    try:
+        builder.download_and_prepare()
+    except Exception as e:  # noqa: BLE001 - any download failure means "no source"
+        raise FileNotFoundError(f"{FASHION_MNIST_HELP}\n(tfds download failed: {e})") from e
+    return builder
+
+
+# ---------------------------------------------------------------------------
+# Sources.
+
+
+def even_share(n: int, index: int, count: int) -> tuple[int, int]:
+    """[start, end) of shard `index` of `count` nearly equal contiguous shards of n items."""
+    return index * n // count, (index + 1) * n // count
+
+
+@dataclasses.dataclass(eq=False)
+class Source:
+    """A dataset split into per-process record streams. Subclasses implement the three methods."""
+
+    name: str
+    channels: int
+    num_classes: int | None  # None when the source does not know it
+
+    def num_examples(self, split: str) -> int:
+        raise NotImplementedError
+
+    def shard_sizes(self, split: str, count: int) -> list[int]:
+        """Number of examples of each of `count` processes' shares."""
+        raise NotImplementedError
+
+    def records(
+        self, split: str, index: int, count: int, shuffle_seed: int | None, shuffle_buffer: int
+    ) -> tf.data.Dataset:
+        """Encoded records of share `index`; shuffled deterministically when shuffle_seed is set."""
+        raise NotImplementedError
+
+
+class TfdsSource(Source):
+    """A prepared tfds dataset; shares are tfds even splits (contiguous file ranges)."""
+
+    def __init__(self, builder: tfds.core.DatasetBuilder):
+        features = builder.info.features
+        for key in ("image", "label"):
+            if key not in features:
+                raise ValueError(
+                    f"tfds dataset {builder.name!r} has no {key!r} feature (features: "
+                    f"{list(features.keys())}); only image classification datasets are supported."
+                )
+        shape = features["image"].shape
+        label = features["label"]
+        super().__init__(
+            name=builder.name,
+            channels=int(shape[-1]) if shape[-1] else 3,
+            num_classes=getattr(label, "num_classes", None),
+        )
+        self.builder = builder
+
+    def _check_split(self, split: str) -> None:
+        base = split.split("[")[0]
+        splits = self.builder.info.splits
+        # No split metadata at all happens only for mocked datasets (tfds.testing.mock_data).
+        if splits and base not in splits:
+            raise ValueError(
+                f"Split {split!r} not found in tfds dataset {self.name!r}; available: "
+                f"{sorted(splits.keys())}. Set config.train_split / config.eval_split."
+            )
+
+    def _size(self, split) -> int:
+        if self.builder.info.splits:
+            return int(self.builder.info.splits[split].num_examples)
+        return int(self.builder.as_dataset(split=split).cardinality())
+
+    def num_examples(self, split: str) -> int:
+        self._check_split(split)
+        return self._size(split)
+
+    def _shards(self, split: str, count: int) -> list:
+        self._check_split(split)
+        return tfds.even_splits(split, n=count) if count > 1 else [split]
+
+    def shard_sizes(self, split: str, count: int) -> list[int]:
+        return [self._size(s) for s in self._shards(split, count)]
+
+    def records(self, split, index, count, shuffle_seed, shuffle_buffer):
+        shard = self._shards(split, count)[index]
+        read_config = tfds.ReadConfig(
+            try_autocache=False,
+            shuffle_seed=shuffle_seed,
+            add_tfds_id=True,
+            options=_deterministic_options(),
+        )
+        ds = self.builder.as_dataset(
+            split=shard,
+            shuffle_files=shuffle_seed is not None,
+            read_config=read_config,
+            decoders={"image": tfds.decode.SkipDecoding()},
+        )
+        if shuffle_seed is not None and shuffle_buffer > 1:
+            ds = ds.shuffle(shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
+        return ds.map(
+            lambda ex: {
+                "image": ex["image"],
+                "label": tf.cast(ex["label"], tf.int64),
+                "name": ex["tfds_id"],
+            }
+        )
+
+
+class ImageFolderSource(Source):
+    """`<root>/<split>/<class>/<file>`; every image decodes to 3 channels."""
+
+    def __init__(self, root: str):
+        if not os.path.isdir(root):
+            raise FileNotFoundError(
+                f"image_folder root {root!r} does not exist; set config.data_dir to a directory "
+                "with train/ and val/ (or test/) sub-directories of class folders."
+            )
+        self.root = root
+        classes = self._classes(self._split_dir("train", must_exist=False))
+        super().__init__(name="image_folder", channels=3, num_classes=len(classes) or None)
+        self.classes = classes
+
+    def _split_dir(self, split: str, must_exist: bool = True) -> str:
+        aliases = {"validation": ("validation", "val"), "val": ("val", "validation")}
+        for name in aliases.get(split, (split,)):
+            d = os.path.join(self.root, name)
+            if os.path.isdir(d):
+                return d
+        if must_exist:
+            present = sorted(
+                e for e in os.listdir(self.root) if os.path.isdir(os.path.join(self.root, e))
+            )
+            raise ValueError(
+                f"Split {split!r} not found under {self.root!r} (sub-directories: {present}); "
+                "expected e.g. train/, val/ or test/. Set config.train_split / config.eval_split."
+            )
+        return ""
+
+    @staticmethod
+    def _classes(split_dir: str) -> list[str]:
+        if not split_dir:
+            return []
+        return sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+
+    @functools.cache  # noqa: B019 - one source object per config, lists are immutable
+    def _files(self, split: str) -> tuple[tuple[str, ...], np.ndarray]:
+        split_dir = self._split_dir(split)
+        classes = self.classes or self._classes(split_dir)
+        index = {c: i for i, c in enumerate(classes)}
+        paths, labels = [], []
+        for c in self._classes(split_dir):
+            if c not in index:
+                raise ValueError(
+                    f"Class folder {c!r} in {split_dir} does not exist in the training split; "
+                    f"known classes: {classes}."
+                )
+            folder = os.path.join(split_dir, c)
+            for f in sorted(os.listdir(folder)):
+                if f.lower().endswith(IMAGE_EXTENSIONS):
+                    paths.append(os.path.join(folder, f))
+                    labels.append(index[c])
+        # A fixed permutation mixes classes, so every process's contiguous share is balanced.
+        order = np.random.default_rng(0).permutation(len(paths))
+        return tuple(paths[i] for i in order), np.asarray(labels, np.int64)[order]
+
+    def num_examples(self, split: str) -> int:
+        return len(self._files(split)[0])
+
+    def shard_sizes(self, split: str, count: int) -> list[int]:
+        n = self.num_examples(split)
+        return [b - a for a, b in (even_share(n, i, count) for i in range(count))]
+
+    def records(self, split, index, count, shuffle_seed, shuffle_buffer):
+        del shuffle_buffer  # file lists are shuffled exactly
+        paths, labels = self._files(split)
+        start, end = even_share(len(paths), index, count)
+        order = np.arange(start, end)
+        if shuffle_seed is not None:
+            order = np.random.default_rng(shuffle_seed).permutation(order)
+        ds = tf.data.Dataset.from_tensor_slices(
+            {"name": np.asarray(paths, dtype=object)[order].astype(str), "label": labels[order]}
+        )
+        return ds.map(
+            lambda ex: {
+                "image": tf.io.read_file(ex["name"]),
+                "label": ex["label"],
+                "name": ex["name"],
+            },
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
+
+
+def _deterministic_options() -> tf.data.Options:
+    options = tf.data.Options()
+    options.deterministic = True
+    return options
+
+
+def create_source(dataset: str, data_dir: str = "", manual_dir: str = "") -> Source:
+    """The source named by config.dataset."""
+    if dataset == "image_folder":
+        return ImageFolderSource(data_dir)
+    if dataset == "fashion_mnist":
+        return TfdsSource(fashion_mnist_builder(data_dir, manual_dir))
+    download_config = tfds.download.DownloadConfig(manual_dir=manual_dir or None)
+    builder = tfds.builder(dataset, data_dir=data_dir or None)
+    if not builder.is_prepared():
+        try:
+            builder.download_and_prepare(download_config=download_config)
+        except Exception as e:  # noqa: BLE001
+            hint = (
+                " For imagenet2012, put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in "
+                "config.manual_dir (see docs/data.md)."
+                if dataset.startswith("imagenet")
+                else ""
+            )
+            raise FileNotFoundError(
+                f"tfds dataset {dataset!r} is not prepared in {data_dir or 'the tfds default dir'} "
+                f"and preparing it failed: {e}.{hint}"
+            ) from e
+    return TfdsSource(builder)
+
+
+def split_names(source: Source) -> Sequence[str]:
+    """Split names a source knows (for error messages)."""
+    if isinstance(source, TfdsSource):
+        return sorted(source.builder.info.splits.keys())
+    return sorted(os.listdir(source.root))

@@ -1,0 +1,538 @@
+"""Input pipeline: sources -> tf.data -> numpy batches of this process's share (PAPER.md 2-3).
+
+Public interface (every function takes the experiment's `config`, fields in
+configs/default.py):
+
+`train_dataset(config, *, start_step=0, process_index=None, process_count=None)`
+    Infinite iterator of `{'image': float32 (B, size, size, C), 'label': int32 (B,)}`
+    with B = config.batch_size // process_count (the trainer assembles global
+    batches with `jax.make_array_from_process_local_data`). Each epoch has
+    exactly `steps_per_epoch(config)` batches on every process. Training
+    preprocessing per image: isotropic rescale to smallest side S (S fixed, or
+    uniform in [train_scale_min, train_scale_max] per image), random
+    image_size crop, random horizontal flip, AlexNet PCA colour shift (3-channel
+    images only, alpha ~ N(0, color_shift)), then `normalize`. JPEG images are
+    decoded only inside the crop's window (`tf.image.decode_and_crop_jpeg`).
+    Order and augmentation are a pure function of (config.seed, epoch, process,
+    position in the epoch): `start_step=k` yields exactly what a fresh run yields
+    from step k on, for the same process_count. Skipped steps are skipped
+    before decoding. A training image that cannot be decoded is dropped and
+    counted (one warning per epoch); the epoch then borrows examples from a
+    second pass so that the number of batches never changes (with corrupt files,
+    exact resume holds only up to that substitution).
+
+`eval_dataset(config, *, split=None, batch_size=None, mode="center_crop", scale=None, ...)`
+    One pass over this process's disjoint share of `split` (default
+    config.eval_split) in a fixed order. Every batch has `'mask'` bool (B,),
+    True for real examples: the last batches are padded so that all processes
+    yield the same number of batches and each example counts exactly once.
+      mode="center_crop": rescale smallest side to Q = scale or config.eval_scale,
+        central image_size crop; B = (batch_size or config.eval_batch_size) // process_count.
+      mode="full": the whole image rescaled to smallest side Q (aspect kept),
+        one image per batch: image (1, H, W, C), label (1,), mask (1,). Padding
+        entries are Q x Q zeros with mask False. Dense evaluation and the 5x5
+        multi-crop grid are built from these by the evaluator.
+    A corrupt evaluation image is an error naming the file.
+
+`decode_eval_image(encoded, config, scale)` -> float32 (H, W, C): the "full"
+    preprocessing for one encoded image (bytes), for tools that score files.
+`num_examples(config, split)`, `steps_per_epoch(config)` (floor of train
+    examples / global batch), `normalize(images, config)`: pixel values in
+    [0, 255] -> value_range units, minus mean_rgb, divided by std_rgb.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import tensorflow as tf
+
+from vgg_jax import data_sources
+
+log = logging.getLogger(__name__)
+
+# TensorFlow only preprocesses on the CPU; never let it take accelerator memory.
+try:
+    tf.config.set_visible_devices([], "GPU")
+except (RuntimeError, ValueError):  # already initialised: nothing to do
+    pass
+
+# AlexNet's PCA of ImageNet RGB pixels (values in [0, 1]): eigenvalues and
+# eigenvectors (columns), as used for its colour augmentation.
+PCA_EIGVAL = np.array([0.2175, 0.0188, 0.0045], np.float32)
+PCA_EIGVEC = np.array(
+    [[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]],
+    np.float32,
+)
+
+Batch = dict[str, np.ndarray]
+
+
+# ---------------------------------------------------------------------------
+# Configuration checks and small helpers.
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_source(dataset: str, data_dir: str, manual_dir: str) -> data_sources.Source:
+    return data_sources.create_source(dataset, data_dir, manual_dir)
+
+
+def get_source(config) -> data_sources.Source:
+    """The (cached) source of config.dataset."""
+    return _cached_source(config.dataset, config.data_dir, config.get("manual_dir", ""))
+
+
+def _processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count}).")
+    return process_index, process_count
+
+
+def _local_batch(batch_size: int, process_count: int, what: str) -> int:
+    if batch_size <= 0 or batch_size % process_count:
+        raise ValueError(
+            f"{what} {batch_size} must be a positive multiple of the number of processes "
+            f"({process_count}); change config.{what}."
+        )
+    return batch_size // process_count
+
+
+def _check_source(config, source: data_sources.Source, split: str) -> int:
+    n = source.num_examples(split)
+    if n == 0:
+        raise ValueError(
+            f"Split {split!r} of {source.name!r} is empty; point config.data_dir / the split "
+            "setting at data that has examples."
+        )
+    if source.num_classes is not None and source.num_classes > config.num_classes:
+        raise ValueError(
+            f"{source.name!r} has {source.num_classes} classes but the model has "
+            f"config.num_classes={config.num_classes}; set config.num_classes={source.num_classes}."
+        )
+    return n
+
+
+def _channel_stats(config, channels: int) -> tuple[np.ndarray, np.ndarray]:
+    mean = np.asarray(config.mean_rgb, np.float32).reshape(-1)
+    std = np.asarray(config.std_rgb, np.float32).reshape(-1)
+    for name, v in (("mean_rgb", mean), ("std_rgb", std)):
+        if v.size not in (1, channels):
+            raise ValueError(
+                f"config.{name} has {v.size} values but the images have {channels} channel(s); "
+                f"give 1 or {channels} values."
+            )
+    if np.any(std <= 0):
+        raise ValueError(f"config.std_rgb must be positive, got {config.std_rgb}.")
+    return mean, std
+
+
+def normalize(images, config):
+    """Pixel values in [0, 255] (any dtype, numpy or tf) -> (x * value_range / 255 - mean) / std."""
+    mean, std = _channel_stats(config, int(images.shape[-1]))
+    scale = np.float32(config.value_range / 255.0)
+    if isinstance(images, tf.Tensor):
+        return (tf.cast(images, tf.float32) * scale - mean) / std
+    return (np.asarray(images, np.float32) * scale - mean) / std
+
+
+def num_examples(config, split: str) -> int:
+    """Number of examples in a split of config.dataset."""
+    return get_source(config).num_examples(split)
+
+
+def steps_per_epoch(config) -> int:
+    """Training steps per epoch: floor(train examples / global batch size)."""
+    n = num_examples(config, config.train_split)
+    steps = n // config.batch_size
+    if steps == 0:
+        raise ValueError(
+            f"Training split has {n} examples, fewer than one batch of {config.batch_size}; "
+            "lower config.batch_size."
+        )
+    return steps
+
+
+# ---------------------------------------------------------------------------
+# Per-image preprocessing (TensorFlow graph code).
+
+
+@dataclasses.dataclass(frozen=True)
+class Augment:
+    """The training preprocessing, resolved from a config."""
+
+    size: int
+    scale_min: int
+    scale_max: int
+    flip: bool
+    color_shift: float
+    channels: int
+    method: str
+    decode_crop: bool = True  # decode JPEGs only inside the crop window
+
+    @classmethod
+    def from_config(cls, config, channels: int, decode_crop: bool = True) -> Augment:
+        size, lo, hi = config.image_size, config.train_scale_min, config.train_scale_max
+        if config.resize_method not in _KERNELS:
+            raise ValueError(
+                f"config.resize_method {config.resize_method!r} not supported; use one of "
+                f"{sorted(_KERNELS)}."
+            )
+        if not size <= lo <= hi:
+            raise ValueError(
+                f"Need image_size <= train_scale_min <= train_scale_max, got {size}, {lo}, {hi}."
+            )
+        return cls(
+            size,
+            lo,
+            hi,
+            bool(config.random_flip),
+            float(config.color_shift),
+            channels,
+            config.resize_method,
+            decode_crop,
+        )
+
+
+def decode_image(encoded: tf.Tensor, channels: int) -> tf.Tensor:
+    """Any JPEG/PNG/BMP/GIF -> uint8 (H, W, channels); grey, CMYK and alpha are converted."""
+    image = tf.io.decode_image(encoded, channels=channels, dtype=tf.uint8, expand_animations=False)
+    image.set_shape([None, None, channels])
+    return image
+
+
+def rescaled_shape(height, width, smallest_side, minimum: int = 1):
+    """(H, W) after an isotropic rescale to `smallest_side`, each side at least `minimum`."""
+    h, w = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
+    f = tf.cast(smallest_side, tf.float32) / tf.minimum(h, w)
+    new_h = tf.maximum(tf.cast(tf.round(h * f), tf.int32), minimum)
+    new_w = tf.maximum(tf.cast(tf.round(w * f), tf.int32), minimum)
+    return new_h, new_w
+
+
+def _resize(image: tf.Tensor, height, width, method: str) -> tf.Tensor:
+    return tf.image.resize(tf.cast(image, tf.float32), tf.stack([height, width]), method=method)
+
+
+# tf.image.resize method -> the equivalent ScaleAndTranslate kernel (same samples, no antialias).
+_KERNELS = {
+    "bilinear": "triangle",
+    "bicubic": "keyscubic",
+    "lanczos3": "lanczos3",
+    "lanczos5": "lanczos5",
+    "gaussian": "gaussian",
+    "mitchellcubic": "mitchellcubic",
+}
+
+
+def _window(offset, rescaled, original, size: int):
+    """Original rows [start, start + length) read by a crop of rescaled rows [offset, offset+size).
+
+    Output row r samples original coordinate (offset + r + 0.5) / scale - 0.5; the
+    window adds a margin of two pixels for the resampling kernel's support.
+    """
+    inv = tf.cast(original, tf.float32) / tf.cast(rescaled, tf.float32)
+    first = tf.floor((tf.cast(offset, tf.float32) + 0.5) * inv - 0.5)
+    last = tf.floor((tf.cast(offset + size, tf.float32) - 0.5) * inv - 0.5)
+    start = tf.maximum(tf.cast(first, tf.int32) - 2, 0)
+    end = tf.minimum(tf.cast(last, tf.int32) + 3, original)
+    return start, end - start
+
+
+def _resample_crop(window, y0, x0, big_h, big_w, h, w, oy, ox, size: int, method: str):
+    """The size x size crop at (oy, ox) of the (h, w) image rescaled to (big_h, big_w).
+
+    `window` is the part of the image starting at (y0, x0). ScaleAndTranslate samples
+    exactly where tf.image.resize of the whole image would, so the result equals
+    resize-then-crop while computing only the crop's pixels.
+    """
+    scale = tf.stack(
+        [
+            tf.cast(big_h, tf.float32) / tf.cast(h, tf.float32),
+            tf.cast(big_w, tf.float32) / tf.cast(w, tf.float32),
+        ]
+    )
+    shift = tf.cast(tf.stack([y0, x0]), tf.float32) * scale - tf.cast(
+        tf.stack([oy, ox]), tf.float32
+    )
+    out = tf.raw_ops.ScaleAndTranslate(
+        images=tf.cast(window, tf.float32)[None],
+        size=tf.constant([size, size]),
+        scale=scale,
+        translation=shift,
+        kernel_type=_KERNELS[method],
+        antialias=False,
+    )
+    return out[0]
+
+
+def sample_crop(height, width, seed: tf.Tensor, aug: Augment):
+    """Random S, rescaled (H, W) with smallest side S, and the crop's top-left (oy, ox) in it."""
+    s_seed, y_seed, x_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+    scale = tf.random.stateless_uniform(
+        [], s_seed, minval=aug.scale_min, maxval=aug.scale_max + 1, dtype=tf.int32
+    )
+    big_h, big_w = rescaled_shape(height, width, scale, minimum=aug.size)
+    oy = tf.random.stateless_uniform([], y_seed, 0, big_h - aug.size + 1, dtype=tf.int32)
+    ox = tf.random.stateless_uniform([], x_seed, 0, big_w - aug.size + 1, dtype=tf.int32)
+    return scale, big_h, big_w, oy, ox
+
+
+def random_scaled_crop(encoded: tf.Tensor, seed: tf.Tensor, aug: Augment) -> tf.Tensor:
+    """Rescale to a random smallest side S, take a random size x size crop: float32 [0, 255].
+
+    With aug.decode_crop, JPEGs are decoded only inside the original-image window
+    that the crop maps back to, which is then rescaled by the same factor; the
+    result equals the full-decode crop up to resampling at the window edges.
+    """
+    size = aug.size
+
+    def geometry(h, w):
+        return sample_crop(h, w, seed, aug)[1:]
+
+    def crop_from_window(decode_window, h, w):
+        big_h, big_w, oy, ox = geometry(h, w)
+        y0, hh = _window(oy, big_h, h, size)
+        x0, ww = _window(ox, big_w, w, size)
+        window = decode_window(y0, x0, hh, ww)
+        return _resample_crop(window, y0, x0, big_h, big_w, h, w, oy, ox, size, aug.method)
+
+    if not aug.decode_crop:
+        image = decode_image(encoded, aug.channels)
+        shape = tf.shape(image)
+        big_h, big_w, oy, ox = geometry(shape[0], shape[1])
+        return _resize(image, big_h, big_w, aug.method)[oy : oy + size, ox : ox + size]
+
+    def jpeg():
+        shape = tf.image.extract_jpeg_shape(encoded)
+        return crop_from_window(
+            lambda y, x, h, w: tf.image.decode_and_crop_jpeg(
+                encoded, tf.stack([y, x, h, w]), channels=aug.channels
+            ),
+            shape[0],
+            shape[1],
+        )
+
+    def other():
+        image = decode_image(encoded, aug.channels)
+        shape = tf.shape(image)
+        return crop_from_window(lambda y, x, h, w: image[y : y + h, x : x + w], shape[0], shape[1])
+
+    out = tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
+    return tf.ensure_shape(out, [size, size, aug.channels])
+
+
+def color_shift(image: tf.Tensor, seed: tf.Tensor, std: float) -> tf.Tensor:
+    """AlexNet PCA lighting on [0, 255] RGB: add eigvec @ (alpha * eigval), alpha ~ N(0, std)."""
+    alpha = tf.random.stateless_normal([3], seed, stddev=std)
+    delta = tf.linalg.matvec(PCA_EIGVEC, alpha * PCA_EIGVAL) * 255.0
+    return image + delta
+
+
+def train_preprocess(encoded: tf.Tensor, seed: tf.Tensor, aug: Augment) -> tf.Tensor:
+    """One training image in [0, 255] float32, before `normalize`."""
+    crop_seed, flip_seed, color_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+    image = random_scaled_crop(encoded, crop_seed, aug)
+    if aug.flip:
+        flip = tf.random.stateless_uniform([], flip_seed) < 0.5
+        image = tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
+    if aug.color_shift > 0 and aug.channels == 3:
+        image = color_shift(image, color_seed, aug.color_shift)
+    return image
+
+
+def eval_preprocess(
+    encoded: tf.Tensor, channels: int, scale: int, crop: int | None, method: str
+) -> tf.Tensor:
+    """Rescale smallest side to `scale`; central crop x crop if crop is set. float32 [0, 255]."""
+    image = decode_image(encoded, channels)
+    shape = tf.shape(image)
+    h, w = rescaled_shape(shape[0], shape[1], scale, minimum=crop or 1)
+    image = _resize(image, h, w, method)
+    if crop:
+        oy, ox = (h - crop) // 2, (w - crop) // 2
+        image = tf.ensure_shape(image[oy : oy + crop, ox : ox + crop], [crop, crop, channels])
+    return image
+
+
+def decode_eval_image(
+    encoded: bytes, config, scale: int | None = None, channels: int = 3
+) -> np.ndarray:
+    """One encoded image -> normalised float32 (H, W, C) with smallest side Q (mode "full")."""
+    scale = scale or config.eval_scale
+    image = eval_preprocess(tf.constant(encoded), channels, scale, None, config.resize_method)
+    return np.asarray(normalize(image, config))
+
+
+# ---------------------------------------------------------------------------
+# Training iterator.
+
+
+def _epoch_seed(seed: int, epoch: int, process_index: int) -> int:
+    """A 63-bit seed for one process's epoch (shuffle order)."""
+    state = np.random.SeedSequence([seed, epoch, process_index]).generate_state(2, np.uint64)
+    return int(state[0] >> np.uint64(1))
+
+
+def _example_seed(seed: int, epoch: int, process_index: int, position: tf.Tensor) -> tf.Tensor:
+    """Stateless-op seed of one example: a function of (seed, epoch, process, position)."""
+    base = tf.constant([seed, epoch * 65_536 + process_index], tf.int64)
+    return tf.random.experimental.stateless_fold_in(base, position)
+
+
+def _train_epoch(config, source, aug, epoch, skip, steps, pi, pc, local_batch) -> tf.data.Dataset:
+    """This process's batches of one epoch, starting `skip` batches in."""
+    shuffle_seed = _epoch_seed(config.seed, epoch, pi)
+    records = source.records(config.train_split, pi, pc, shuffle_seed, config.shuffle_buffer)
+    # A second pass stands in for any records dropped as undecodable.
+    ds = records.repeat(2).enumerate().skip(skip * local_batch)
+    num_classes = config.num_classes
+
+    def preprocess(position, ex):
+        seed = _example_seed(config.seed, epoch, pi, position)
+        image = normalize(train_preprocess(ex["image"], seed, aug), config)
+        return {"image": image, "label": ex["label"], "position": position}
+
+    def check_label(ex):
+        label = tf.cast(ex["label"], tf.int32)
+        tf.debugging.assert_less(
+            label, num_classes, message="label out of range: set config.num_classes > label"
+        )
+        tf.debugging.assert_non_negative(label, message="negative label")
+        return {**ex, "label": label}
+
+    ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.ignore_errors().map(check_label)
+    ds = ds.batch(local_batch, drop_remainder=True).take(steps - skip)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def train_dataset(
+    config,
+    *,
+    start_step: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> Iterator[Batch]:
+    """Infinite iterator over this process's share of each global training batch."""
+    pi, pc = _processes(process_index, process_count)
+    local_batch = _local_batch(config.batch_size, pc, "batch_size")
+    source = get_source(config)
+    _check_source(config, source, config.train_split)
+    _channel_stats(config, source.channels)
+    aug = Augment.from_config(config, source.channels, config.get("decode_crop", True))
+    steps = steps_per_epoch(config)
+    if start_step < 0:
+        raise ValueError(f"start_step must be >= 0, got {start_step}.")
+    return _train_iterator(config, source, aug, start_step, steps, pi, pc, local_batch)
+
+
+def _train_iterator(config, source, aug, start_step, steps, pi, pc, local_batch):
+    epoch, skip = divmod(start_step, steps)
+    while True:
+        ds = _train_epoch(config, source, aug, epoch, skip, steps, pi, pc, local_batch)
+        seen, last = 0, skip * local_batch - 1
+        for batch in ds.as_numpy_iterator():
+            positions = batch.pop("position")
+            seen += positions.size
+            last = int(positions[-1])
+            yield batch
+        dropped = (last + 1 - skip * local_batch) - seen
+        if dropped:
+            log.warning(
+                "Epoch %d, process %d: skipped %d training image(s) that could not be decoded.",
+                epoch,
+                pi,
+                dropped,
+            )
+        epoch, skip = epoch + 1, 0
+
+
+# ---------------------------------------------------------------------------
+# Evaluation iterator.
+
+
+def eval_dataset(
+    config,
+    *,
+    split: str | None = None,
+    batch_size: int | None = None,
+    mode: str = "center_crop",
+    scale: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> Iterator[Batch]:
+    """One pass over this process's share, padded to full batches with a 'mask'."""
+    if mode not in ("center_crop", "full"):
+        raise ValueError(f"eval mode must be 'center_crop' or 'full', got {mode!r}.")
+    pi, pc = _processes(process_index, process_count)
+    split = split or config.eval_split
+    source = get_source(config)
+    _check_source(config, source, split)
+    _channel_stats(config, source.channels)
+    scale = scale or config.eval_scale
+    crop = config.image_size if mode == "center_crop" else None
+    if crop and scale < crop:
+        raise ValueError(f"eval scale Q={scale} is smaller than image_size={crop}.")
+    if mode == "full":
+        local_batch = 1
+    else:
+        local_batch = _local_batch(batch_size or config.eval_batch_size, pc, "eval_batch_size")
+    sizes = source.shard_sizes(split, pc)
+    num_batches = math.ceil(max(sizes) / local_batch)
+    records = source.records(split, pi, pc, None, 0)
+    channels, num_classes = source.channels, config.num_classes
+
+    def preprocess(ex):
+        label = tf.cast(ex["label"], tf.int32)
+        tf.debugging.assert_less(
+            label, num_classes, message="label out of range: set config.num_classes > label"
+        )
+        image = normalize(
+            eval_preprocess(ex["image"], channels, scale, crop, config.resize_method), config
+        )
+        return {"image": image, "label": label, "mask": tf.constant(True)}
+
+    pad_side = crop or scale
+    pad = {
+        "image": tf.zeros([pad_side, pad_side, channels], tf.float32),
+        "label": tf.constant(0, tf.int32),
+        "mask": tf.constant(False),
+    }
+    ds = records.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat())
+    ds = ds.take(num_batches * local_batch).batch(local_batch).prefetch(tf.data.AUTOTUNE)
+    return _eval_iterator(ds, records, channels, local_batch)
+
+
+def _eval_iterator(ds, records, channels, local_batch) -> Iterator[Batch]:
+    yielded = 0
+    try:
+        for batch in ds.as_numpy_iterator():
+            yield batch
+            yielded += 1
+    except tf.errors.OpError as e:
+        _raise_bad_file(records, yielded * local_batch, channels, e)
+
+
+def _raise_bad_file(records, start: int, channels: int, error: Exception):
+    """Finds the first undecodable record from `start` on and names it in the error."""
+    for ex in records.skip(start).as_numpy_iterator():
+        try:
+            decode_image(tf.constant(ex["image"]), channels)
+        except tf.errors.OpError as e:
+            name = ex["name"].decode()
+            raise ValueError(
+                f"Evaluation image {name!r} cannot be decoded ({e.message.strip()}); "
+                "repair or remove it."
+            ) from None
+    raise ValueError(f"Evaluation input failed: {getattr(error, 'message', error)}") from error
