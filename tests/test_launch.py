@@ -436,6 +436,9 @@ def test_local_two_processes_train_like_one(tmp_path):
         out = single.communicate(timeout=600)[0]
     assert single.returncode == 0, out[-3000:]
 
+    for run in ("two", "one"):  # both trained the 3 steps (not two equal initialisations)
+        records = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        assert max(json.loads(r)["step"] for r in records if "train_loss" in r) == 3
     two, one = final_params(tmp_path / "two"), final_params(tmp_path / "one")
     assert two.keys() == one.keys() and len(two) > 0
     for name in two:
