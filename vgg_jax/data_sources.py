@@ -23,7 +23,9 @@ import functools
 import gzip
 import logging
 import os
+import socket
 import tempfile
+import urllib.parse
 from collections.abc import Sequence
 
 import numpy as np
@@ -135,6 +137,17 @@ class _LocalFashionMNIST(tfds.image_classification.FashionMNIST, skip_registrati
             yield i, {"image": images[i], "label": labels[i]}
 
 
+def _reachable(url: str, timeout: float = 5.0) -> bool:
+    """Whether a TCP connection to the URL's host opens within `timeout` seconds."""
+    parsed = urllib.parse.urlparse(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def fashion_mnist_builder(data_dir: str, manual_dir: str = "") -> tfds.core.DatasetBuilder:
     """The prepared tfds `fashion_mnist` builder, preparing it once if needed.
 
@@ -153,6 +166,9 @@ def fashion_mnist_builder(data_dir: str, manual_dir: str = "") -> tfds.core.Data
             download_dir=os.path.join(tempfile.gettempdir(), "vgg_jax_fashion_mnist_dl")
         )
         return tfds.builder("fashion_mnist", data_dir=data_dir)
+    url = tfds.image_classification.FashionMNIST.URL
+    if not _reachable(url):  # tfds would retry for minutes before giving up
+        raise FileNotFoundError(f"{FASHION_MNIST_HELP}\n(no connection to {url})")
     try:
         builder.download_and_prepare()
     except Exception as e:  # noqa: BLE001 - any download failure means "no source"
@@ -383,3 +399,25 @@ def split_names(source: Source) -> Sequence[str]:
     if isinstance(source, TfdsSource):
         return sorted(source.builder.info.splits.keys())
     return sorted(os.listdir(source.root))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m vgg_jax.data_sources DATASET --data_dir D [--manual_dir M]`: prepare once.
+
+    (tfds 4.9.10's own `tfds build` command needs apache_beam to start.)
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Prepare a dataset for vgg_jax (once).")
+    parser.add_argument("dataset", help="imagenet2012, fashion_mnist, cifar10, ...")
+    parser.add_argument("--data_dir", default="", help="tfds data_dir (local or gs://)")
+    parser.add_argument("--manual_dir", default="", help="directory with the manual files")
+    args = parser.parse_args(argv)
+    source = create_source(args.dataset, args.data_dir, args.manual_dir)
+    if isinstance(source, TfdsSource):
+        sizes = {k: v.num_examples for k, v in source.builder.info.splits.items()}
+        print(f"{source.name} ready in {source.builder.data_dir}: {sizes}")
+
+
+if __name__ == "__main__":
+    main()

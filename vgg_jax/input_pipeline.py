@@ -37,8 +37,12 @@ configs/default.py):
 `decode_eval_image(encoded, config, scale)` -> float32 (H, W, C): the "full"
     preprocessing for one encoded image (bytes), for tools that score files.
 `num_examples(config, split)`, `steps_per_epoch(config)` (floor of train
-    examples / global batch), `normalize(images, config)`: pixel values in
-    [0, 255] -> value_range units, minus mean_rgb, divided by std_rgb.
+    examples / global batch), `image_shape(config)` (size, size, channels: 1 for
+    Fashion-MNIST, 3 for image folders), `normalize(images, config)`: pixel values
+    in [0, 255] -> value_range units, minus mean_rgb, divided by std_rgb.
+
+Optional config field `decode_crop` (default True): False decodes whole JPEGs,
+resizes the whole image and crops (the reference path; same result).
 """
 
 from __future__ import annotations
@@ -150,6 +154,11 @@ def num_examples(config, split: str) -> int:
     return get_source(config).num_examples(split)
 
 
+def image_shape(config) -> tuple[int, int, int]:
+    """(image_size, image_size, channels) of training batches, e.g. to initialise a model."""
+    return (config.image_size, config.image_size, get_source(config).channels)
+
+
 def steps_per_epoch(config) -> int:
     """Training steps per epoch: floor(train examples / global batch size)."""
     n = num_examples(config, config.train_split)
@@ -248,19 +257,35 @@ def _window(offset, rescaled, original, size: int):
     return start, end - start
 
 
-def _resample_crop(window, y0, x0, big_h, big_w, h, w, oy, ox, size: int, method: str):
+def _pad_edges(image: tf.Tensor) -> tf.Tensor:
+    """Repeat the outermost rows and columns once (much faster than a SYMMETRIC tf.pad)."""
+    image = tf.concat([image[:1], image, image[-1:]], 0)
+    return tf.concat([image[:, :1], image, image[:, -1:]], 1)
+
+
+def _resample_crop(window, y0, x0, big_h, big_w, h, w, oy, ox, size: int, method: str, flip):
     """The size x size crop at (oy, ox) of the (h, w) image rescaled to (big_h, big_w).
 
-    `window` is the part of the image starting at (y0, x0). ScaleAndTranslate samples
-    exactly where tf.image.resize of the whole image would, so the result equals
-    resize-then-crop while computing only the crop's pixels.
+    `window` is the part of the image starting at (y0, x0). Samples are taken
+    exactly where tf.image.resize of the whole image would take them (output row r
+    at original coordinate (oy + r + 0.5) * h / big_h - 0.5), so the result equals
+    resize-then-crop while computing only the crop's pixels. `flip` (bool tensor)
+    mirrors the crop horizontally at no cost.
     """
-    scale = tf.stack(
-        [
-            tf.cast(big_h, tf.float32) / tf.cast(h, tf.float32),
-            tf.cast(big_w, tf.float32) / tf.cast(w, tf.float32),
-        ]
-    )
+    ratio_y = tf.cast(h, tf.float32) / tf.cast(big_h, tf.float32)
+    ratio_x = tf.cast(w, tf.float32) / tf.cast(big_w, tf.float32)
+    if method == "bilinear":
+        # crop_and_resize is the fastest sampler; a one-pixel edge copy reproduces resize's
+        # clamping at the image border (crop_and_resize would extrapolate there).
+        padded = _pad_edges(tf.cast(window, tf.float32))
+        last = tf.cast(tf.shape(padded)[:2] - 1, tf.float32)
+        top = (tf.cast(oy, tf.float32) + 0.5) * ratio_y - 0.5 - tf.cast(y0, tf.float32) + 1.0
+        left = (tf.cast(ox, tf.float32) + 0.5) * ratio_x - 0.5 - tf.cast(x0, tf.float32) + 1.0
+        bottom, right = top + (size - 1) * ratio_y, left + (size - 1) * ratio_x
+        left, right = tf.where(flip, right, left), tf.where(flip, left, right)
+        box = tf.stack([top / last[0], left / last[1], bottom / last[0], right / last[1]])
+        return tf.image.crop_and_resize(padded[None], box[None], [0], [size, size])[0]
+    scale = tf.stack([1.0 / ratio_y, 1.0 / ratio_x])
     shift = tf.cast(tf.stack([y0, x0]), tf.float32) * scale - tf.cast(
         tf.stack([oy, ox]), tf.float32
     )
@@ -271,8 +296,8 @@ def _resample_crop(window, y0, x0, big_h, big_w, h, w, oy, ox, size: int, method
         translation=shift,
         kernel_type=_KERNELS[method],
         antialias=False,
-    )
-    return out[0]
+    )[0]
+    return tf.cond(flip, lambda: tf.reverse(out, axis=[1]), lambda: out)
 
 
 def sample_crop(height, width, seed: tf.Tensor, aug: Augment):
@@ -287,9 +312,12 @@ def sample_crop(height, width, seed: tf.Tensor, aug: Augment):
     return scale, big_h, big_w, oy, ox
 
 
-def random_scaled_crop(encoded: tf.Tensor, seed: tf.Tensor, aug: Augment) -> tf.Tensor:
+def random_scaled_crop(
+    encoded: tf.Tensor, seed: tf.Tensor, aug: Augment, flip: tf.Tensor | bool = False
+) -> tf.Tensor:
     """Rescale to a random smallest side S, take a random size x size crop: float32 [0, 255].
 
+    The crop is mirrored horizontally where `flip` is true.
     With aug.decode_crop, JPEGs are decoded only inside the original-image window
     that the crop maps back to, which is then rescaled by the same factor; the
     result equals the full-decode crop up to resampling at the window edges.
@@ -299,18 +327,21 @@ def random_scaled_crop(encoded: tf.Tensor, seed: tf.Tensor, aug: Augment) -> tf.
     def geometry(h, w):
         return sample_crop(h, w, seed, aug)[1:]
 
+    flip = tf.convert_to_tensor(flip)
+
     def crop_from_window(decode_window, h, w):
         big_h, big_w, oy, ox = geometry(h, w)
         y0, hh = _window(oy, big_h, h, size)
         x0, ww = _window(ox, big_w, w, size)
         window = decode_window(y0, x0, hh, ww)
-        return _resample_crop(window, y0, x0, big_h, big_w, h, w, oy, ox, size, aug.method)
+        return _resample_crop(window, y0, x0, big_h, big_w, h, w, oy, ox, size, aug.method, flip)
 
     if not aug.decode_crop:
         image = decode_image(encoded, aug.channels)
         shape = tf.shape(image)
         big_h, big_w, oy, ox = geometry(shape[0], shape[1])
-        return _resize(image, big_h, big_w, aug.method)[oy : oy + size, ox : ox + size]
+        out = _resize(image, big_h, big_w, aug.method)[oy : oy + size, ox : ox + size]
+        return tf.cond(flip, lambda: tf.reverse(out, axis=[1]), lambda: out)
 
     def jpeg():
         shape = tf.image.extract_jpeg_shape(encoded)
@@ -331,23 +362,28 @@ def random_scaled_crop(encoded: tf.Tensor, seed: tf.Tensor, aug: Augment) -> tf.
     return tf.ensure_shape(out, [size, size, aug.channels])
 
 
-def color_shift(image: tf.Tensor, seed: tf.Tensor, std: float) -> tf.Tensor:
-    """AlexNet PCA lighting on [0, 255] RGB: add eigvec @ (alpha * eigval), alpha ~ N(0, std)."""
+def color_shift_delta(seed: tf.Tensor, std: float) -> tf.Tensor:
+    """AlexNet PCA lighting in [0, 255] units: eigvec @ (alpha * eigval), alpha ~ N(0, std)."""
     alpha = tf.random.stateless_normal([3], seed, stddev=std)
-    delta = tf.linalg.matvec(PCA_EIGVEC, alpha * PCA_EIGVAL) * 255.0
-    return image + delta
+    return tf.linalg.matvec(PCA_EIGVEC, alpha * PCA_EIGVAL) * 255.0
 
 
-def train_preprocess(encoded: tf.Tensor, seed: tf.Tensor, aug: Augment) -> tf.Tensor:
-    """One training image in [0, 255] float32, before `normalize`."""
+def train_preprocess(encoded: tf.Tensor, seed: tf.Tensor, aug: Augment, config=None) -> tf.Tensor:
+    """One training image: float32 in [0, 255] units, or normalised when `config` is given.
+
+    The colour shift and `normalize` are folded into one multiply-add per pixel.
+    """
     crop_seed, flip_seed, color_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
-    image = random_scaled_crop(encoded, crop_seed, aug)
-    if aug.flip:
-        flip = tf.random.stateless_uniform([], flip_seed) < 0.5
-        image = tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
+    flip = tf.random.stateless_uniform([], flip_seed) < 0.5 if aug.flip else tf.constant(False)
+    image = random_scaled_crop(encoded, crop_seed, aug, flip)
+    delta = tf.zeros([aug.channels])
     if aug.color_shift > 0 and aug.channels == 3:
-        image = color_shift(image, color_seed, aug.color_shift)
-    return image
+        delta = color_shift_delta(color_seed, aug.color_shift)
+    if config is None:
+        return image + delta
+    mean, std = _channel_stats(config, aug.channels)
+    gain = np.float32(config.value_range / 255.0) / std
+    return image * gain + (delta * gain - mean / std)
 
 
 def eval_preprocess(
@@ -399,7 +435,7 @@ def _train_epoch(config, source, aug, epoch, skip, steps, pi, pc, local_batch) -
 
     def preprocess(position, ex):
         seed = _example_seed(config.seed, epoch, pi, position)
-        image = normalize(train_preprocess(ex["image"], seed, aug), config)
+        image = train_preprocess(ex["image"], seed, aug, config)
         return {"image": image, "label": ex["label"], "position": position}
 
     def check_label(ex):
@@ -446,6 +482,12 @@ def _train_iterator(config, source, aug, start_step, steps, pi, pc, local_batch)
             seen += positions.size
             last = int(positions[-1])
             yield batch
+        if seen < (steps - skip) * local_batch:
+            raise RuntimeError(
+                f"Epoch {epoch}, process {pi}: only {seen} decodable training images for "
+                f"{steps - skip} batches of {local_batch}; too many files are corrupt or "
+                "unreadable (check the data in config.data_dir)."
+            )
         dropped = (last + 1 - skip * local_batch) - seen
         if dropped:
             log.warning(

@@ -7,7 +7,9 @@ in one place without touching the model definition.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import os
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax.linen as nn
@@ -24,8 +26,62 @@ LRN_ALPHA = 1e-4
 LRN_BETA = 0.75
 
 
-def conv2d(x: Array, kernel: Array, padding: str = "SAME") -> Array:
-    """Stride-1 NHWC convolution with an HWIO kernel."""
+# ---------------------------------------------------------------------------
+# Formulations. "lax" is the plain lowering (conv_general_dilated,
+# reduce_window); "fast" is the one measured faster on XLA:CPU (DESIGN.md, the
+# per-layer probe): a reshape-and-max pool with its own gradient, and small-map
+# convolutions as shifted views plus one matmul. "auto" picks "fast" on CPU and
+# "lax" elsewhere. Both compute the same values and gradients (tests/test_layers.py).
+
+FORMULATIONS = ("auto", "lax", "fast")
+_formulation = os.environ.get("VGG_JAX_FORMULATION", "auto")
+
+# Maps with at most this many rows and columns go through the shifted-view
+# matmul in the "fast" formulation; larger maps keep XLA's convolution. Measured
+# at 32 px (benchmarks/RESULTS.md): 4 was no better than 2, 8 was worse.
+SMALL_MAP_MAX = 2
+
+
+def _check_formulation(name: str) -> str:
+    if name not in FORMULATIONS:
+        raise ValueError(
+            f"Unknown layer formulation {name!r}; choose one of {FORMULATIONS} "
+            "(argument, set_formulation() or the VGG_JAX_FORMULATION variable)."
+        )
+    return name
+
+
+def set_formulation(name: str) -> None:
+    """Chooses how convolutions and pools are lowered in functions traced from now on."""
+    global _formulation
+    _formulation = _check_formulation(name)
+
+
+@contextlib.contextmanager
+def use_formulation(name: str) -> Iterator[None]:
+    """`set_formulation` for the duration of a `with` block (trace inside it)."""
+    previous = _formulation
+    set_formulation(name)
+    try:
+        yield
+    finally:
+        set_formulation(previous)
+
+
+def resolve_formulation(name: str | None = None) -> str:
+    """'lax' or 'fast': the explicit name, else the global one, 'auto' by backend."""
+    name = _check_formulation(_formulation if name is None else name)
+    if name == "auto":
+        return "fast" if jax.default_backend() == "cpu" else "lax"
+    return name
+
+
+# ---------------------------------------------------------------------------
+# Convolution.
+
+
+def conv2d_lax(x: Array, kernel: Array, padding: str = "SAME") -> Array:
+    """Stride-1 NHWC convolution with an HWIO kernel, XLA's own lowering."""
     return jax.lax.conv_general_dilated(
         x,
         kernel,
@@ -35,9 +91,107 @@ def conv2d(x: Array, kernel: Array, padding: str = "SAME") -> Array:
     )
 
 
-def max_pool_2x2(x: Array) -> Array:
+def _same_pads(k: int) -> tuple[int, int]:
+    # XLA's SAME padding for stride 1: k - 1 in total, the extra one after.
+    return (k - 1) // 2, k // 2
+
+
+def conv2d_matmul(x: Array, kernel: Array, padding: str = "SAME") -> Array:
+    """The same convolution as shifted views of the input concatenated and one matmul.
+
+    Gathers every (dy, dx) view of the (padded) input along channels, in the
+    order in which an HWIO kernel flattens, so (N*H'*W', kh*kw*C) @ (kh*kw*C, F).
+    Memory grows with kh*kw: meant for the tiny maps where XLA:CPU's convolution
+    is slow, not for large ones.
+    """
+    kh, kw, cin, cout = kernel.shape
+    if x.shape[-1] != cin:
+        raise ValueError(f"Input has {x.shape[-1]} channels but the kernel expects {cin}.")
+    if padding == "SAME":
+        x = jnp.pad(x, ((0, 0), _same_pads(kh), _same_pads(kw), (0, 0)))
+    elif padding != "VALID":
+        raise ValueError(f"padding must be 'SAME' or 'VALID', got {padding!r}.")
+    n, h, w, _ = x.shape
+    out_h, out_w = h - kh + 1, w - kw + 1
+    if out_h < 1 or out_w < 1:
+        raise ValueError(f"A {kh}x{kw} VALID convolution needs inputs of at least that size.")
+    views = [x[:, dy : dy + out_h, dx : dx + out_w, :] for dy in range(kh) for dx in range(kw)]
+    patches = views[0] if len(views) == 1 else jnp.concatenate(views, axis=-1)
+    # Accumulate in float32 whatever the input dtype, as convolutions do.
+    out = jnp.matmul(
+        patches.reshape(-1, kh * kw * cin),
+        kernel.reshape(kh * kw * cin, cout),
+        preferred_element_type=jnp.float32,
+    )
+    return out.astype(jnp.result_type(x, kernel)).reshape(n, out_h, out_w, cout)
+
+
+def conv2d(x: Array, kernel: Array, padding: str = "SAME", formulation: str | None = None) -> Array:
+    """Stride-1 NHWC convolution with an HWIO kernel, lowered per formulation."""
+    small = max(x.shape[1], x.shape[2]) <= SMALL_MAP_MAX
+    if small and resolve_formulation(formulation) == "fast":
+        return conv2d_matmul(x, kernel, padding)
+    return conv2d_lax(x, kernel, padding)
+
+
+# ---------------------------------------------------------------------------
+# 2x2 max-pool, stride 2. Odd trailing rows/columns are dropped (VALID).
+
+
+def max_pool_2x2_lax(x: Array) -> Array:
+    """XLA's reduce_window pool; its gradient is a select-and-scatter."""
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+
+
+def _windows(x: Array) -> Array:
+    """(N, H, W, C) -> (N, H//2, 2, W//2, 2, C), odd trailing rows/columns dropped."""
+    n, h, w, c = x.shape
+    h2, w2 = h // 2, w // 2
+    return x[:, : 2 * h2, : 2 * w2, :].reshape(n, h2, 2, w2, 2, c)
+
+
+@jax.custom_vjp
+def max_pool_2x2_reshape(x: Array) -> Array:
+    """2x2 max-pool as reshape-and-max, with a gradient that needs no scatter."""
+    return _windows(x).max(axis=(2, 4))
+
+
+def _pool_fwd(x: Array) -> tuple[Array, tuple[Array, Array]]:
+    y = max_pool_2x2_reshape(x)
+    return y, (x, y)
+
+
+def _pool_bwd(res: tuple[Array, Array], g: Array) -> tuple[Array]:
+    # The gradient goes to the window's maximum; among tied maxima only to the
+    # first in row-major order, as XLA's select-and-scatter (select = ">=") does.
+    x, y = res
+    win = _windows(x)
+    taken = jnp.zeros(y.shape, bool)
+    parts = {}
+    for a in (0, 1):
+        for b in (0, 1):
+            hit = (win[:, :, a, :, b, :] == y) & ~taken
+            parts[a, b] = jnp.where(hit, g, jnp.zeros_like(g))
+            taken = taken | hit
+    rows = [jnp.stack([parts[a, 0], parts[a, 1]], axis=3) for a in (0, 1)]
+    dx = jnp.stack(rows, axis=2)  # (N, H//2, 2, W//2, 2, C)
+    n, h, w, c = x.shape
+    dx = dx.reshape(n, 2 * (h // 2), 2 * (w // 2), c)
+    if dx.shape != x.shape:
+        dx = jnp.pad(dx, ((0, 0), (0, h - dx.shape[1]), (0, w - dx.shape[2]), (0, 0)))
+    return (dx,)
+
+
+max_pool_2x2_reshape.defvjp(_pool_fwd, _pool_bwd)
+
+
+def max_pool_2x2(x: Array, formulation: str | None = None) -> Array:
     """2x2 max-pool with stride 2 on NHWC input; odd trailing rows/cols are dropped."""
-    return nn.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding="VALID")
+    if x.shape[1] < 2 or x.shape[2] < 2:
+        raise ValueError(f"A 2x2 max-pool needs maps of at least 2x2; got {x.shape[1:3]}.")
+    if resolve_formulation(formulation) == "fast":
+        return max_pool_2x2_reshape(x)
+    return max_pool_2x2_lax(x)
 
 
 def local_response_norm(

@@ -1,0 +1,473 @@
+"""Weight conversion: parity with Keras and with a torch.nn.functional reference, round trips.
+
+The reference networks get random weights (no download is possible here); the
+layouts (key names, shapes, flatten orders) are the real frameworks'.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import skimage.data
+from PIL import Image
+from weights_util import random_variables
+
+from vgg_jax import checkpoints, convert, models
+
+torch = pytest.importorskip("torch", reason="parity tests need the `torch` extra")
+# Keras's TensorFlow backend converts with np.array(x, copy=False) on every predict.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+F = torch.nn.functional
+
+
+def photos(size: int = 224) -> np.ndarray:
+    """Real photographs, resized to size x size: uint8 (N, size, size, 3)."""
+    out = []
+    for name in ("chelsea", "coffee", "astronaut"):
+        img = Image.fromarray(getattr(skimage.data, name)()).resize((size, size), Image.BILINEAR)
+        out.append(np.asarray(img))
+    return np.stack(out)
+
+
+def logits(bundle: checkpoints.ModelBundle, pixels_uint8: np.ndarray) -> np.ndarray:
+    x = bundle.preprocessing(pixels_uint8.astype(np.float32) / 255.0)
+    return np.asarray(jax.jit(bundle.model.apply)(bundle.variables, x))
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def top5(x: np.ndarray) -> np.ndarray:
+    return np.argsort(-x, axis=-1)[:, :5]
+
+
+# ---------------------------------------------------------------------------
+# torchvision: random state dicts with its key names and a functional reference
+
+
+def torchvision_state(
+    name: str,
+    width_divisor: int = 1,
+    fc_width: int = 4096,
+    num_classes: int = 1000,
+    seed: int = 0,
+    zeros: bool = False,
+) -> dict[str, np.ndarray]:
+    """A random state dict with torchvision's keys and (for width_divisor=1) exact shapes."""
+    rng = np.random.default_rng(seed)
+    spec = models.get_spec(name)
+    state, cin = {}, 3
+
+    def he(shape, fan_in):
+        if zeros:  # shapes only, allocated lazily
+            return np.zeros(shape, np.float32)
+        return (rng.standard_normal(shape, np.float32) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+
+    layout = iter(convert.torchvision_layout(spec))
+    for stage, kernels in enumerate(spec.stages):
+        width = models.STAGE_WIDTHS[stage] // width_divisor
+        for k in kernels:
+            _, conv, bn = next(layout)
+            state[f"features.{conv}.weight"] = he((width, cin, k, k), cin * k * k)
+            state[f"features.{conv}.bias"] = rng.uniform(-0.1, 0.1, width).astype(np.float32)
+            if bn is not None:
+                state[f"features.{bn}.weight"] = rng.uniform(0.5, 1.5, width).astype(np.float32)
+                state[f"features.{bn}.bias"] = rng.uniform(-0.2, 0.2, width).astype(np.float32)
+                state[f"features.{bn}.running_mean"] = rng.normal(0, 0.5, width).astype(np.float32)
+                state[f"features.{bn}.running_var"] = rng.uniform(0.5, 2, width).astype(np.float32)
+                state[f"features.{bn}.num_batches_tracked"] = np.array(7, np.int64)
+            cin = width
+    fc_in = cin * 49
+    for index, (n_in, n_out) in zip(
+        (0, 3, 6), ((fc_in, fc_width), (fc_width, fc_width), (fc_width, num_classes)), strict=True
+    ):
+        state[f"classifier.{index}.weight"] = he((n_out, n_in), n_in)
+        state[f"classifier.{index}.bias"] = rng.uniform(-0.1, 0.1, n_out).astype(np.float32)
+    return state
+
+
+def torch_reference(name: str, state: dict[str, np.ndarray], x_nhwc: np.ndarray) -> np.ndarray:
+    """torchvision's VGG forward (eval mode) written with torch.nn.functional."""
+    spec = models.get_spec(name)
+    t = {k: torch.from_numpy(np.array(v)) for k, v in state.items()}
+    x = torch.from_numpy(np.ascontiguousarray(x_nhwc.transpose(0, 3, 1, 2)))
+    layout = iter(convert.torchvision_layout(spec))
+    with torch.no_grad():
+        for kernels in spec.stages:
+            for k in kernels:
+                _, conv, bn = next(layout)
+                x = F.conv2d(
+                    x, t[f"features.{conv}.weight"], t[f"features.{conv}.bias"], padding=k // 2
+                )
+                if bn is not None:
+                    p = f"features.{bn}."
+                    stats = t[p + "running_mean"], t[p + "running_var"]
+                    affine = t[p + "weight"], t[p + "bias"]
+                    x = F.batch_norm(x, *stats, *affine, training=False, eps=1e-5)
+                x = F.relu(x)
+            x = F.max_pool2d(x, 2, 2)
+        x = torch.flatten(F.adaptive_avg_pool2d(x, (7, 7)), 1)
+        x = F.relu(F.linear(x, t["classifier.0.weight"], t["classifier.0.bias"]))
+        x = F.relu(F.linear(x, t["classifier.3.weight"], t["classifier.3.bias"]))
+        x = F.linear(x, t["classifier.6.weight"], t["classifier.6.bias"])
+    return x.numpy()
+
+
+@pytest.mark.parametrize("name", ["vgg16_bn"])
+def test_torchvision_full_size_parity(name):
+    """Exact torchvision shapes; the plain variants are covered at reduced width below."""
+    state = torchvision_state(name)
+    bundle = convert.from_torchvision(state)
+    assert bundle.name == name and bundle.options["image_size"] == 224
+    assert bundle.metadata["class_names"][281] == "tabby"  # for score_map, predict, ...
+    pixels = photos()[:1]
+    x = np.asarray(bundle.preprocessing(pixels.astype(np.float32) / 255.0))
+    want = torch_reference(name, state, x)
+    got = logits(bundle, pixels)
+    assert rel_err(got, want) < 1e-5
+    np.testing.assert_array_equal(top5(got), top5(want))
+    # The full state dict comes back bit for bit (num_batches_tracked is not kept).
+    back = convert.to_torchvision(bundle)
+    assert set(back) == set(state)
+    for key, value in state.items():
+        if not key.endswith("num_batches_tracked"):
+            np.testing.assert_array_equal(back[key], value, err_msg=key)
+
+
+@pytest.mark.parametrize("name", convert.TORCHVISION_MODELS)
+def test_torchvision_every_variant_small(name):
+    """Every torchvision layer list (conv/BN indices), at reduced widths for speed."""
+    state = torchvision_state(name, width_divisor=16, fc_width=32, num_classes=10, seed=1)
+    bundle = convert.from_torchvision(state, model=name)
+    x = np.random.default_rng(0).standard_normal((2, 224, 224, 3)).astype(np.float32)
+    got = np.asarray(bundle.model.apply(bundle.variables, jnp.asarray(x)))
+    want = torch_reference(name, state, x)
+    assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("image_size", [32, 64, 96])
+def test_torchvision_adaptive_pool_folded_for_other_sizes(image_size):
+    """At image_size != 224, FC1 absorbs torchvision's 7x7 adaptive pool exactly."""
+    state = torchvision_state("vgg11_bn", width_divisor=16, fc_width=32, num_classes=10, seed=2)
+    bundle = convert.from_torchvision(state, image_size=image_size)
+    window = models.feature_map_size(image_size)
+    assert bundle.variables["params"]["fc6"]["kernel"].shape[:2] == (window, window)
+    x = np.random.default_rng(1).standard_normal((2, image_size, image_size, 3)).astype(np.float32)
+    got = np.asarray(bundle.model.apply(bundle.variables, jnp.asarray(x)))
+    assert rel_err(got, torch_reference("vgg11_bn", state, x)) < 1e-5
+
+
+def test_dense_fc1_equals_window_conv_at_224():
+    """DESIGN.md: the flattened-dense FC1 and the 7x7 VALID conv give the same numbers."""
+    state = torchvision_state("vgg11", width_divisor=16, fc_width=32, num_classes=10, seed=3)
+    bundle = convert.from_torchvision(state)
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((1, 224, 224, 3)), jnp.float32)
+    dense = bundle.model.apply(bundle.variables, x)
+    conv = bundle.model.apply(bundle.variables, x, method="score_map")
+    assert conv.shape == (1, 1, 1, 10)
+    np.testing.assert_allclose(conv[:, 0, 0], dense, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# Round trips through files
+
+
+def tiny_bundle(name: str, image_size: int = 32) -> checkpoints.ModelBundle:
+    options = dict(num_classes=10, width_divisor=16, fc_width=32, image_size=image_size)
+    model = models.create_model(name, **options)
+    return checkpoints.ModelBundle(name, options, random_variables(model))
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+@pytest.mark.parametrize("name,image_size", [("vgg13", 32), ("vgg19_bn", 64), ("vgg16", 224)])
+def test_export_import_round_trip_is_exact(tmp_path, name, image_size, suffix):
+    bundle = tiny_bundle(name, image_size)
+    path = str(tmp_path / f"w{suffix}")
+    convert.write_torchvision_file(convert.to_torchvision(bundle), path)
+    back = convert.convert_file(path)  # the window gives image_size
+    assert back.name == name and back.options == bundle.options
+    want = checkpoints._flatten(bundle.variables)
+    got = checkpoints._flatten(back.variables)
+    assert set(got) == set(want)
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def test_legacy_torch_format_as_torchvision_downloads_it(tmp_path):
+    """torchvision's VGG files predate the zip format: torch.save's legacy layout."""
+    state = torchvision_state("vgg11_bn", width_divisor=16, fc_width=32, num_classes=10)
+    path = str(tmp_path / "vgg11_bn-8a4c8b4a.pth")
+    tensors = {k: torch.from_numpy(v) for k, v in state.items()}
+    torch.save(tensors, path, _use_new_zipfile_serialization=False)
+    bundle = convert.convert_file(path)
+    back = convert.to_torchvision(bundle)
+    np.testing.assert_array_equal(back["features.5.running_var"], state["features.5.running_var"])
+
+
+def test_exported_pth_loads_with_weights_only(tmp_path):
+    bundle = tiny_bundle("vgg11_bn", 224)
+    path = str(tmp_path / "w.pth")
+    convert.write_torchvision_file(convert.to_torchvision(bundle), path)
+    state = torch.load(path, weights_only=True, map_location="cpu")
+    assert state["features.1.num_batches_tracked"].dtype == torch.int64
+    assert tuple(state["classifier.0.weight"].shape) == (32, 32 * 49)
+
+
+def test_cli_convert_then_load_bundle_and_export(tmp_path):
+    state = torchvision_state("vgg11", width_divisor=16, fc_width=32, num_classes=10)
+    src = str(tmp_path / "vgg11.safetensors")
+    convert.write_torchvision_file(state, src)
+    out = str(tmp_path / "bundle")
+    assert convert.main([src, "--to", out, "--model", "vgg11"]) == 0
+    bundle = checkpoints.load_bundle(out)
+    assert bundle.preprocessing == convert.TORCHVISION_PREPROCESSING
+    exported = str(tmp_path / "again.safetensors")
+    assert convert.main([out, "--export-torchvision", exported]) == 0
+    again = convert.read_torchvision_file(exported)
+    for key, value in state.items():
+        np.testing.assert_array_equal(again[key], value, err_msg=key)
+
+
+# ---------------------------------------------------------------------------
+# Files that are not what they claim
+
+
+@pytest.fixture(scope="module")
+def small_vgg16_file(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("tv") / "vgg16.safetensors")
+    convert.write_torchvision_file(
+        torchvision_state("vgg16", width_divisor=16, fc_width=32, num_classes=10), path
+    )
+    return path
+
+
+def test_wrong_architecture_is_named(small_vgg16_file):
+    with pytest.raises(convert.ConversionError, match="holds a vgg16.*not a vgg19"):
+        convert.convert_file(small_vgg16_file, model="vgg19")
+    with pytest.raises(convert.ConversionError, match="holds a vgg16.*not a vgg16_bn"):
+        convert.convert_file(small_vgg16_file, model="vgg16_bn")
+
+
+def test_missing_key_is_named(tmp_path):
+    state = torchvision_state("vgg16", width_divisor=16, fc_width=32, num_classes=10)
+    del state["classifier.3.bias"]
+    with pytest.raises(convert.ConversionError, match=r"missing.*classifier\.3\.bias"):
+        convert.from_torchvision(state)
+
+
+def test_wrong_shape_is_named():
+    state = torchvision_state("vgg16", width_divisor=16, fc_width=32, num_classes=10)
+    state["features.2.weight"] = state["features.2.weight"][:, :3]
+    with pytest.raises(convert.ConversionError, match="conv1_2"):
+        convert.from_torchvision(state)
+
+
+def test_truncated_files_are_named(tmp_path, small_vgg16_file):
+    data = open(small_vgg16_file, "rb").read()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(convert.ConversionError, match="damaged or truncated safetensors"):
+        convert.convert_file(str(cut))
+    pth = tmp_path / "w.pth"
+    torch.save({k: torch.zeros(2) for k in ("a", "b")}, str(pth))
+    data = pth.read_bytes()
+    pth.write_bytes(data[: len(data) // 2])
+    with pytest.raises(convert.ConversionError, match="could not be read as a PyTorch"):
+        convert.convert_file(str(pth))
+
+
+def test_not_a_weights_file(tmp_path):
+    junk = tmp_path / "notes.pth"
+    junk.write_text("these are not weights\n")
+    with pytest.raises(convert.ConversionError, match="not a weights file"):
+        convert.convert_file(str(junk))
+    with pytest.raises(FileNotFoundError):
+        convert.convert_file(str(tmp_path / "absent.pth"))
+
+
+class _NotATensor:
+    pass
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    """weights_only=True: a .pth carrying arbitrary objects is never unpickled."""
+    path = tmp_path / "evil.pth"
+    torch.save({"features.0.weight": _NotATensor()}, str(path))
+    with pytest.raises(convert.ConversionError, match="weights_only"):
+        convert.convert_file(str(path))
+
+
+def test_cli_reports_errors(tmp_path, small_vgg16_file, capsys):
+    assert convert.main([small_vgg16_file, "--to", str(tmp_path / "b"), "--model", "vgg19"]) == 2
+    assert "not a vgg19" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "b")
+
+
+# ---------------------------------------------------------------------------
+# Keras: the real keras.applications models, both file formats
+
+
+@pytest.fixture(scope="module", params=["VGG16", "VGG19"])
+def keras_files(request, tmp_path_factory):
+    """(model name, keras logits on the photos, legacy .h5 path, Keras 3 .weights.h5 path)."""
+    keras = pytest.importorskip("keras")
+    import h5py
+    from keras.src.legacy.saving import legacy_h5_format
+
+    keras.utils.set_random_seed(0)
+    net = getattr(keras.applications, request.param)(weights=None, classifier_activation=None)
+    directory = tmp_path_factory.mktemp(request.param)
+    v3 = str(directory / "w.weights.h5")
+    legacy = str(directory / "w.h5")
+    net.save_weights(v3)
+    with h5py.File(legacy, "w") as f:  # the layout keras.applications downloads
+        legacy_h5_format.save_weights_to_hdf5_group(f, net)
+    preprocess = getattr(keras.applications, request.param.lower()).preprocess_input
+    pixels = photos()[:2]
+    want = np.asarray(net.predict(preprocess(pixels.astype(np.float32)), verbose=0))
+    del net
+    keras.backend.clear_session()
+    return request.param.lower(), pixels, want, legacy, v3
+
+
+@pytest.mark.parametrize("file_format", ["legacy", "v3"])
+def test_keras_parity(keras_files, file_format):
+    name, pixels, want, legacy, v3 = keras_files
+    bundle = convert.convert_file(legacy if file_format == "legacy" else v3, model=name)
+    assert bundle.name == name and bundle.preprocessing == convert.KERAS_PREPROCESSING
+    got = logits(bundle, pixels)
+    assert rel_err(got, want) < 1e-5
+    np.testing.assert_array_equal(top5(got), top5(want))
+
+
+def test_keras_wrong_model_and_notop(keras_files, tmp_path):
+    name, _, _, legacy, _ = keras_files
+    other = "vgg19" if name == "vgg16" else "vgg16"
+    with pytest.raises(convert.ConversionError, match=f"holds a {name}.*not a {other}"):
+        convert.convert_file(legacy, model=other)
+    import h5py
+
+    notop = str(tmp_path / "notop.h5")
+    with h5py.File(legacy) as src, h5py.File(notop, "w") as dst:
+        names = convert._attr_names(src, "layer_names")
+        names = [n for n in names if not n.startswith(("fc", "pred"))]
+        dst.attrs["layer_names"] = np.array([n.encode() for n in names])
+        for n in names:
+            src.copy(src[n], dst, n)
+    with pytest.raises(convert.ConversionError, match="include_top=False"):
+        convert.convert_file(notop)
+    data = open(legacy, "rb").read(4096)
+    cut = tmp_path / "cut.h5"
+    cut.write_bytes(data)
+    with pytest.raises(convert.ConversionError, match="truncated"):
+        convert.convert_file(str(cut))
+
+
+# ---------------------------------------------------------------------------
+# Adapting converted weights for fine-tuning (greyscale input, another image size)
+
+
+def test_adapt_to_greyscale_folds_the_preprocessing_into_conv1_1():
+    state = torchvision_state("vgg11_bn", width_divisor=16, fc_width=32, num_classes=10)
+    rgb = convert.from_torchvision(state)
+    grey = convert.adapt_bundle(rgb, in_channels=1)
+    assert grey.variables["params"]["features"]["conv1_1"]["kernel"].shape == (3, 3, 1, 4)
+    assert grey.preprocessing == checkpoints.Preprocessing("RGB", 1.0, (0.0,), (1.0,))
+    g = photos(64)[:1].mean(-1, keepdims=True).astype(np.float32) / 255.0
+    from vgg_jax.features import features
+
+    want = features(rgb, None, np.repeat(g, 3, axis=-1), ("conv1_1",))["conv1_1"]
+    got = features(grey, None, g, ("conv1_1",))["conv1_1"]
+    # Equal away from the one-pixel border, where zero padding now means black.
+    np.testing.assert_allclose(got[:, 1:-1, 1:-1], want[:, 1:-1, 1:-1], rtol=1e-4, atol=1e-4)
+    assert not np.allclose(got[:, 0], want[:, 0], atol=1e-3)
+
+
+def test_adapt_image_size_equals_torchvision_at_that_size(tmp_path):
+    state = torchvision_state("vgg13", width_divisor=16, fc_width=32, num_classes=10)
+    src = str(tmp_path / "w.safetensors")
+    convert.write_torchvision_file(state, src)
+    assert convert.main([src, "--to", str(tmp_path / "b224")]) == 0
+    argv = [str(tmp_path / "b224"), "--to", str(tmp_path / "b64"), "--image-size", "64"]
+    assert convert.main(argv + ["--in-channels", "1"]) == 0
+    adapted = checkpoints.load_bundle(tmp_path / "b64")
+    assert adapted.image_size == 64 and adapted.preprocessing.mean == (0.0,)
+    direct = convert.from_torchvision(state, image_size=64)
+    np.testing.assert_allclose(
+        adapted.variables["params"]["fc6"]["kernel"],
+        direct.variables["params"]["fc6"]["kernel"],
+        rtol=1e-6,
+        atol=1e-7,
+    )
+
+
+def test_finetune_config_fits_an_adapted_bundle():
+    """configs/finetune_fashion_mnist.py's model accepts the bundle its docstring makes."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ft", "configs/finetune_fashion_mnist.py")
+    ft = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ft)
+    spec = importlib.util.spec_from_file_location("default", "configs/default.py")
+    default = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(default)
+    bundle = convert.from_torchvision(torchvision_state("vgg16", zeros=True))
+    for variant in ft.VARIANTS:
+        config = ft.get_config(variant)
+        assert set(config.keys()) <= set(default.get_config().keys())
+        adapted = convert.adapt_bundle(bundle, in_channels=1, image_size=config.image_size)
+        model = models.create_model(
+            config.model,
+            num_classes=1000,  # the bundle's head; the trainer re-initialises fc8
+            width_divisor=config.width_divisor,
+            fc_width=config.fc_width,
+            image_size=config.image_size,
+        )
+        checkpoints.check_variables(model, adapted.variables, channels=1)
+        p = adapted.preprocessing
+        assert (p.value_range, p.mean, p.std) == (
+            config.value_range,
+            tuple(config.mean_rgb),
+            tuple(config.std_rgb),
+        )
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_keras2_cached_layout_with_tensor_suffixes(tmp_path, wrapped):
+    """The file keras.applications downloads was written by Keras 2: 'kernel:0' names.
+
+    `wrapped`: a whole-model .h5 (model.save) keeps the same groups under 'model_weights'.
+    """
+    import h5py
+
+    source = tiny_bundle("vgg19", 224)
+    params = source.variables["params"]
+    names = models.conv_layer_names(models.get_spec("vgg19"))
+    keras_names = [f"block{n[4]}_conv{n[6]}" for n in names] + ["fc1", "fc2", "predictions"]
+    arrays = [params["features"][n] for n in names] + [
+        {"kernel": params["fc6"]["kernel"].reshape(-1, 32), "bias": params["fc6"]["bias"]},
+        params["fc7"],
+        params["fc8"],
+    ]
+    path = str(tmp_path / "keras2.h5")
+    with h5py.File(path, "w") as f:
+        root = f.create_group("model_weights") if wrapped else f
+        root.attrs["layer_names"] = np.array([b"input_1"] + [n.encode() for n in keras_names])
+        root.create_group("input_1").attrs["weight_names"] = np.array([], dtype="S1")
+        for name, layer in zip(keras_names, arrays, strict=True):
+            g = root.create_group(name)
+            g.attrs["weight_names"] = np.array(
+                [f"{name}/kernel:0".encode(), f"{name}/bias:0".encode()]
+            )
+            g.create_dataset(f"{name}/kernel:0", data=layer["kernel"])
+            g.create_dataset(f"{name}/bias:0", data=layer["bias"])
+    bundle = convert.convert_file(path, model="vgg19")
+    want, got = checkpoints._flatten(source.variables), checkpoints._flatten(bundle.variables)
+    assert set(got) == set(want)
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)

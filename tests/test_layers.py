@@ -1,0 +1,165 @@
+"""Each fast layer formulation equals the plain lax one in values and gradients."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vgg_jax import backend, layers, models
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def grads(f, *args):
+    """Value and gradients of sum(f(...) * r) for a fixed random cotangent r."""
+
+    def scalar(*a):
+        y = f(*a)
+        r = jax.random.normal(jax.random.key(7), y.shape, y.dtype)
+        return jnp.sum(y * r), y
+
+    (_, y), g = jax.value_and_grad(scalar, argnums=tuple(range(len(args))), has_aux=True)(*args)
+    return y, g
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 4, 3), (1, 5, 7, 2), (3, 2, 2, 5), (1, 3, 2, 1)])
+def test_max_pool_matches_lax_with_ties(shape):
+    # Small integers make many tied maxima inside windows.
+    x = jnp.asarray(np.random.default_rng(0).integers(0, 3, shape), jnp.float32)
+    y_lax, (g_lax,) = grads(layers.max_pool_2x2_lax, x)
+    y_fast, (g_fast,) = grads(layers.max_pool_2x2_reshape, x)
+    np.testing.assert_allclose(y_fast, y_lax, **TOL)
+    np.testing.assert_allclose(g_fast, g_lax, **TOL)
+    # Each window passes its gradient to exactly one element, as lax does.
+    assert int((g_fast != 0).sum()) == int((g_lax != 0).sum()) == int(np.prod(y_lax.shape))
+
+
+def test_max_pool_random_values_and_all_equal_window():
+    x = jax.random.normal(jax.random.key(1), (2, 9, 6, 4))
+    for arr in (x, jnp.ones((1, 2, 2, 1))):
+        y_lax, (g_lax,) = grads(layers.max_pool_2x2_lax, arr)
+        y_fast, (g_fast,) = grads(layers.max_pool_2x2_reshape, arr)
+        np.testing.assert_allclose(y_fast, y_lax, **TOL)
+        np.testing.assert_allclose(g_fast, g_lax, **TOL)
+
+
+def test_max_pool_rejects_too_small_maps():
+    with pytest.raises(ValueError, match="at least 2x2"):
+        layers.max_pool_2x2(jnp.ones((1, 1, 4, 1)))
+
+
+@pytest.mark.parametrize(
+    "hw,k,padding",
+    [((1, 1), 3, "SAME"), ((2, 2), 3, "SAME"), ((3, 5), 3, "SAME"), ((2, 2), 1, "SAME"),
+     ((4, 3), 2, "SAME"), ((3, 3), 3, "VALID"), ((5, 4), 2, "VALID")],
+)  # fmt: skip
+def test_conv_matmul_matches_lax(hw, k, padding):
+    keys = jax.random.split(jax.random.key(2), 2)
+    x = jax.random.normal(keys[0], (2, *hw, 6))
+    w = jax.random.normal(keys[1], (k, k, 6, 5)) * 0.3
+    y_lax, g_lax = grads(lambda a, b: layers.conv2d_lax(a, b, padding), x, w)
+    y_mm, g_mm = grads(lambda a, b: layers.conv2d_matmul(a, b, padding), x, w)
+    np.testing.assert_allclose(y_mm, y_lax, **TOL)
+    for a, b in zip(g_mm, g_lax, strict=True):
+        np.testing.assert_allclose(a, b, **TOL)
+
+
+def test_conv_matmul_errors_name_the_problem():
+    with pytest.raises(ValueError, match="channels"):
+        layers.conv2d_matmul(jnp.ones((1, 2, 2, 3)), jnp.ones((3, 3, 4, 1)))
+    with pytest.raises(ValueError, match="padding"):
+        layers.conv2d_matmul(jnp.ones((1, 2, 2, 3)), jnp.ones((3, 3, 3, 1)), "FULL")
+
+
+def primitives(f, *args) -> set[str]:
+    return {str(e.primitive) for e in jax.make_jaxpr(f)(*args).eqns}
+
+
+def test_dispatch_by_formulation_and_map_size():
+    small, large = jnp.ones((1, 2, 2, 4)), jnp.ones((1, 8, 8, 4))
+    w = jnp.ones((3, 3, 4, 4))
+    assert "dot_general" in primitives(lambda a: layers.conv2d(a, w, formulation="fast"), small)
+    assert "conv_general_dilated" in primitives(
+        lambda a: layers.conv2d(a, w, formulation="fast"), large
+    )
+    assert "conv_general_dilated" in primitives(
+        lambda a: layers.conv2d(a, w, formulation="lax"), small
+    )
+    assert "reduce_window_max" in primitives(
+        lambda a: layers.max_pool_2x2(a, formulation="lax"), large
+    )
+    assert "reduce_window_max" not in primitives(
+        lambda a: layers.max_pool_2x2(a, formulation="fast"), large
+    )
+
+
+def test_formulation_selection():
+    assert jax.default_backend() == "cpu"
+    assert layers.resolve_formulation("auto") == "fast"  # CPU gets the fast layers
+    with layers.use_formulation("lax"):
+        assert layers.resolve_formulation() == "lax"
+    assert layers.resolve_formulation() == layers.resolve_formulation(layers._formulation)
+    with pytest.raises(ValueError, match="VGG_JAX_FORMULATION"):
+        layers.set_formulation("quick")
+
+
+def test_whole_model_same_under_both_formulations():
+    # 32 px: stage 5 runs on 2x2 maps, so the small-map matmul is exercised.
+    model = models.create_model("A", 10, width_divisor=16, fc_width=32, image_size=32)
+    x = jax.random.uniform(jax.random.key(3), (2, 32, 32, 1))
+    params = model.init(jax.random.key(4), x)["params"]
+    out = {}
+    for name in ("lax", "fast"):
+        with layers.use_formulation(name):
+            out[name] = grads(lambda p: model.apply({"params": p}, x), params)
+    np.testing.assert_allclose(out["fast"][0], out["lax"][0], **TOL)
+    for a, b in zip(jax.tree.leaves(out["fast"][1]), jax.tree.leaves(out["lax"][1]), strict=True):
+        np.testing.assert_allclose(a, b, **TOL)
+
+
+def test_cpu_flag_is_appended_not_overwriting():
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    if backend.cpu_flags_wanted(dict(env)):
+        assert backend.configure_xla_flags(env)
+        assert env["XLA_FLAGS"].split() == [
+            "--xla_force_host_platform_device_count=8",
+            backend.YNN_FLAG,
+        ]
+        assert not backend.configure_xla_flags(env)  # never twice
+    mine = {"XLA_FLAGS": f"--{backend.YNN_FLAG_NAME}=default"}
+    assert not backend.configure_xla_flags(mine)  # the user's own choice wins
+    assert not backend.cpu_flags_wanted({"VGG_JAX_CPU_FLAGS": "0"})
+    assert not backend.cpu_flags_wanted({"JAX_PLATFORMS": "cuda"})
+
+
+def test_this_session_has_both_flags():
+    # conftest sets the device count; importing vgg_jax appended the CPU flag.
+    flags = os.environ["XLA_FLAGS"]
+    assert "--xla_force_host_platform_device_count=8" in flags
+    if backend._jaxlib_version() in backend.KNOWN_JAXLIB:
+        assert backend.cpu_flag_active()
+
+
+def test_bfloat16_keeps_dtype_and_matches():
+    keys = jax.random.split(jax.random.key(5), 2)
+    x = jax.random.normal(keys[0], (2, 2, 2, 64)).astype(jnp.bfloat16)
+    w = (jax.random.normal(keys[1], (3, 3, 64, 8)) * 0.1).astype(jnp.bfloat16)
+    fast, plain = layers.conv2d_matmul(x, w), layers.conv2d_lax(x, w)
+    assert fast.dtype == jnp.bfloat16
+    np.testing.assert_allclose(
+        np.asarray(fast, np.float32), np.asarray(plain, np.float32), rtol=2e-2, atol=2e-2
+    )
+    pooled = layers.max_pool_2x2_reshape(x)
+    assert pooled.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(
+        np.asarray(pooled, np.float32), np.asarray(layers.max_pool_2x2_lax(x), np.float32)
+    )
+
+
+def test_cpu_flag_skipped_when_an_accelerator_is_the_default(monkeypatch):
+    monkeypatch.setattr(backend, "accelerator_plugin_installed", lambda: True)
+    assert not backend.cpu_flags_wanted({})
+    known = backend._jaxlib_version() in backend.KNOWN_JAXLIB
+    assert backend.cpu_flags_wanted({"JAX_PLATFORMS": "cpu"}) == known

@@ -1,0 +1,133 @@
+"""`python -m vgg_jax.predict`: image loading, the central crop, names, end to end."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import numpy as np
+import pytest
+import skimage.data
+from PIL import Image
+
+from vgg_jax import checkpoints, convert, predict
+
+
+@pytest.fixture(scope="module")
+def image_files(tmp_path_factory):
+    """The same photo as RGB JPEG, greyscale PNG, RGBA PNG and CMYK JPEG."""
+    d = tmp_path_factory.mktemp("images")
+    cat = Image.fromarray(skimage.data.chelsea())  # 451 x 300
+    paths = {
+        "rgb": d / "cat.jpg",
+        "grey": d / "cat_grey.png",
+        "rgba": d / "cat_rgba.png",
+        "cmyk": d / "cat_cmyk.jpg",
+    }
+    cat.save(paths["rgb"], quality=95)
+    cat.convert("L").save(paths["grey"])
+    cat.convert("RGBA").save(paths["rgba"])
+    cat.convert("CMYK").save(paths["cmyk"])
+    return {k: str(v) for k, v in paths.items()}
+
+
+def test_load_image_any_mode(image_files, tmp_path):
+    for path in image_files.values():
+        img = predict.load_image(path)
+        assert img.shape == (300, 451, 3) and img.dtype == np.float32
+        assert 0.0 <= img.min() and img.max() <= 1.0 and img.max() > 0.5
+    grey = predict.load_image(image_files["grey"])
+    np.testing.assert_array_equal(grey[..., 0], grey[..., 2])
+    junk = tmp_path / "x.jpg"
+    junk.write_text("not an image")
+    with pytest.raises(ValueError, match="not an image"):
+        predict.load_image(str(junk))
+
+
+def test_central_crop_takes_the_centre():
+    # A white image with a black centre square of side 100 in a 200 x 400 image.
+    img = np.ones((200, 400, 3), np.float32)
+    img[50:150, 150:250] = 0
+    crop = predict.central_crop(img, 224)  # rescaled by 256/200: the square becomes 128
+    assert crop.shape == (224, 224, 3)
+    assert crop[112, 112].max() < 0.01  # centre is black
+    assert crop[112, 10].min() > 0.99  # 102 px from the centre: outside the 64 px half-side
+    assert crop[112, 50].max() < 0.01  # 62 px from the centre: inside
+    assert predict.central_crop(img, 32).shape == (32, 32, 3)
+
+
+def tiny_torchvision_bundle(tmp_path):
+    from test_convert import torchvision_state
+
+    state = torchvision_state("vgg11", width_divisor=16, fc_width=32, num_classes=1000, seed=4)
+    src = str(tmp_path / "vgg11.safetensors")
+    convert.write_torchvision_file(state, src)
+    out = str(tmp_path / "bundle")
+    assert convert.main([src, "--to", out]) == 0
+    return state, out
+
+
+def test_predict_cli_matches_torch_on_the_same_crop(image_files, tmp_path, capsys):
+    pytest.importorskip("torch")
+    from test_convert import torch_reference
+
+    state, bundle_dir = tiny_torchvision_bundle(tmp_path)
+    assert predict.main([image_files["rgb"], image_files["grey"], "--weights", bundle_dir]) == 0
+    printed = capsys.readouterr().out
+    bundle = checkpoints.load_bundle(bundle_dir)
+    results = predict.predict(bundle, [image_files["rgb"]])[0]
+    # Reference: torchvision's transforms (Resize 256, CenterCrop 224, Normalize), torch forward.
+    crop = predict.central_crop(predict.open_image(image_files["rgb"]), 224)[None]
+    x = (crop - np.float32([0.485, 0.456, 0.406])) / np.float32([0.229, 0.224, 0.225])
+    logits = torch_reference("vgg11", state, x.astype(np.float32))[0]
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    want = np.argsort(-probs)[:5]
+    assert [i for i, _, _ in results] == list(want)
+    np.testing.assert_allclose([p for _, _, p in results], probs[want], rtol=1e-4)
+    for i, name, p in results:
+        assert name == predict.imagenet_classes.class_name(i)
+        assert f"{name:<30s} {p:7.4f}" in printed
+    assert printed.count("1. ") == 2  # both images
+
+
+def test_predict_cli_errors(image_files, tmp_path, capsys):
+    assert predict.main([image_files["rgb"], "--weights", str(tmp_path)]) == 2
+    assert "not a vgg_jax model bundle" in capsys.readouterr().err
+
+
+def test_dense_uses_the_evaluation_modules_dense_evaluator(image_files, tmp_path, monkeypatch):
+    """--dense hands the bundle's model, variables, preprocessing and scales to DenseEvaluator."""
+    _, bundle_dir = tiny_torchvision_bundle(tmp_path)
+    bundle = checkpoints.load_bundle(bundle_dir)
+    seen = {}
+
+    class FakeDense:
+        def __init__(self, model, variables, scales, flip, preprocess):
+            seen.update(model=model, scales=scales, flip=flip, preprocess=preprocess)
+
+        def predict(self, images):
+            seen["shapes"] = [im.shape for im in images]
+            p = np.zeros((len(images), 1000), np.float32)
+            p[:, 281] = 1.0
+            return p
+
+    fake = types.ModuleType("vgg_jax.evaluate")
+    fake.DenseEvaluator = FakeDense
+    monkeypatch.setitem(sys.modules, "vgg_jax.evaluate", fake)
+    top = predict.predict(bundle, [image_files["rgb"]], dense=True)[0]
+    assert top[0][:2] == (281, "tabby") and top[0][2] == 1.0
+    assert seen["scales"] == [256, 384, 512] and seen["flip"] is True
+    assert seen["preprocess"] == bundle.preprocessing and seen["shapes"] == [(300, 451, 3)]
+
+
+def test_predict_with_a_greyscale_bundle(image_files, tmp_path):
+    """A bundle adapted with --in-channels 1 classifies the image in grey, like its RGB source."""
+    _, bundle_dir = tiny_torchvision_bundle(tmp_path)
+    rgb = checkpoints.load_bundle(bundle_dir)
+    grey = convert.adapt_bundle(rgb, in_channels=1)
+    got = predict.predict(grey, [image_files["grey"]], top=3)[0]
+    want = predict.predict(rgb, [image_files["grey"]], top=3)[0]
+    # Equal up to conv1_1's border (zero padding now means black): same winner, close odds.
+    assert got[0][0] == want[0][0]
+    np.testing.assert_allclose(got[0][2], want[0][2], rtol=0.15)

@@ -1,0 +1,691 @@
+"""Pretrained VGG weights from torchvision and Keras files, and back to torchvision.
+
+    python -m vgg_jax.convert vgg16-397923af.pth --to weights/vgg16_torchvision
+    python -m vgg_jax.convert vgg16_weights_tf_dim_ordering_tf_kernels.h5 --to weights/vgg16_keras
+    python -m vgg_jax.convert weights/vgg16_torchvision --export-torchvision vgg16.safetensors
+    python -m vgg_jax.convert weights/vgg16_torchvision --to weights/vgg16_grey64 \
+        --in-channels 1 --image-size 64      # for fine-tuning on greyscale 64x64 images
+
+The result is a model bundle (`vgg_jax.checkpoints`): the variables plus the
+source framework's input preprocessing, so that `predict`, `evaluate`,
+`score_map`, `features` and fine-tuning (`config.init_from`) reproduce the
+source's outputs.
+
+Layouts (DESIGN.md, "Numerical facts for weight conversion"):
+
+* torchvision: `features.{i}.weight` (out, in, kh, kw) at the indices of its
+  layer list (conv, [BN,] ReLU per conv, a max-pool per stage); BN
+  `weight/bias/running_mean/running_var/num_batches_tracked`;
+  `classifier.{0,3,6}` (out, in). FC1's input is flattened channel-major
+  (c, h, w) after an adaptive average pool to 7x7.
+* Keras applications: layers `block{b}_conv{i}`, `fc1`, `fc2`, `predictions`
+  with kernels already (h, w, in, out) and FC1 flattened channels-last (h, w, c).
+
+No pickle is ever read: `.pth` files go through `torch.load(weights_only=True)`,
+`.safetensors` and HDF5 through their own array readers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from vgg_jax import checkpoints, imagenet_classes, models
+from vgg_jax.checkpoints import ModelBundle, Preprocessing
+
+TORCHVISION_PREPROCESSING = Preprocessing(
+    channel_order="RGB",
+    value_range=1.0,
+    mean=(0.485, 0.456, 0.406),
+    std=(0.229, 0.224, 0.225),
+)
+# Caffe convention: BGR, 0-255, minus the mean given here in the network's (BGR) order.
+KERAS_PREPROCESSING = Preprocessing(
+    channel_order="BGR",
+    value_range=255.0,
+    mean=(103.939, 116.779, 123.68),
+    std=(1.0, 1.0, 1.0),
+)
+TORCHVISION_MODELS = ("vgg11", "vgg13", "vgg16", "vgg19", "vgg11_bn", "vgg13_bn", "vgg16_bn")
+TORCHVISION_MODELS += ("vgg19_bn",)
+TORCHVISION_POOL = 7  # torchvision's AdaptiveAvgPool2d((7, 7)) before FC1
+FORMATS = ("torchvision", "keras")
+
+_HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+_ZIP_MAGIC = b"PK\x03\x04"
+# torch.save's legacy (pre-1.6) format, which torchvision's VGG downloads still use:
+# a pickled magic number, read safely by torch.load(weights_only=True).
+_LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+
+
+class ConversionError(ValueError):
+    """A weights file that is not what it claims to be; the message says what is wrong."""
+
+
+# ---------------------------------------------------------------------------
+# torchvision layout
+
+
+def torchvision_layout(spec: models.VGGSpec) -> list[tuple[str, int, int | None]]:
+    """(conv name, index of its conv in `features`, index of its BN or None) in order."""
+    layout, index = [], 0
+    for name_stage, kernels in enumerate(spec.stages):
+        for i in range(len(kernels)):
+            bn = index + 1 if spec.batch_norm else None
+            layout.append((f"conv{name_stage + 1}_{i + 1}", index, bn))
+            index += 3 if spec.batch_norm else 2  # conv, [BN,] ReLU
+        index += 1  # max-pool
+    return layout
+
+
+def _torchvision_conv_indices(state: Mapping[str, np.ndarray]) -> tuple[list[int], bool]:
+    convs, has_bn = [], False
+    for key, value in state.items():
+        m = re.fullmatch(r"features\.(\d+)\.(weight|running_mean)", key)
+        if m and m.group(2) == "weight" and np.ndim(value) == 4:
+            convs.append(int(m.group(1)))
+        elif m and m.group(2) == "running_mean":
+            has_bn = True
+    return sorted(convs), has_bn
+
+
+def detect_torchvision_model(state: Mapping[str, np.ndarray]) -> str:
+    """The torchvision model name whose layer list matches the state dict's keys."""
+    convs, has_bn = _torchvision_conv_indices(state)
+    for name in TORCHVISION_MODELS:
+        spec = models.get_spec(name)
+        if spec.batch_norm == has_bn and [c for _, c, _ in torchvision_layout(spec)] == convs:
+            return name
+    if not convs:
+        raise ConversionError(
+            "No `features.{i}.weight` convolution kernels found: this is not a torchvision VGG "
+            f"state dict (first keys: {list(state)[:5]})."
+        )
+    raise ConversionError(
+        f"The state dict has {len(convs)} convolutions at features indices {convs}"
+        f"{' with' if has_bn else ' without'} batch norm, which matches no torchvision VGG "
+        f"({', '.join(TORCHVISION_MODELS)})."
+    )
+
+
+def _adaptive_pool_matrix(size: int, out: int = TORCHVISION_POOL) -> np.ndarray:
+    """(out, size) matrix of torch's AdaptiveAvgPool1d: row i averages its bin of the input."""
+    p = np.zeros((out, size), np.float64)
+    for i in range(out):
+        start, end = (i * size) // out, -((-(i + 1) * size) // out)
+        p[i, start:end] = 1.0 / (end - start)
+    return p
+
+
+def fold_adaptive_pool(kernel: np.ndarray, window: int) -> np.ndarray:
+    """A (7, 7, C, F) FC1 kernel as the (window, window, C, F) kernel of the same function.
+
+    torchvision average-pools any feature map to 7x7 before FC1; FC1 after that
+    linear pool is itself one linear map of the window x window map, so a model
+    built for another image_size reproduces torchvision exactly at that size.
+    """
+    p = _adaptive_pool_matrix(window, kernel.shape[0]).astype(np.float32)  # (7, window)
+    rows = np.tensordot(p, kernel, axes=([0], [0]))  # (window, 7, C, F)
+    folded = np.tensordot(p, rows, axes=([0], [1]))  # (window_w, window_h, C, F)
+    return folded.transpose(1, 0, 2, 3).astype(kernel.dtype)
+
+
+def from_torchvision(
+    state: Mapping[str, Any],
+    model: str | None = None,
+    image_size: int | None = None,
+    source: str = "the state dict",
+) -> ModelBundle:
+    """A bundle from a torchvision VGG state dict (arrays or tensors).
+
+    `model` ('vgg16', 'vgg16_bn', ...) is checked against the keys; None detects
+    it. `image_size` defaults to the file's own (224 for torchvision's 7x7 FC1);
+    another size folds torchvision's 7x7 adaptive pool into FC1
+    (`fold_adaptive_pool`), so the model equals torchvision at that size.
+    """
+    state = {k: _to_numpy(v) for k, v in state.items()}
+    detected = detect_torchvision_model(state)
+    if model is not None and models.get_spec(model).name != detected:
+        want = models.get_spec(model)
+        raise ConversionError(
+            f"{source} holds a {detected} ({_describe(models.get_spec(detected))}), not a "
+            f"{want.name} ({_describe(want)}). Pass --model {detected} or the file for "
+            f"{want.name}."
+        )
+    spec = models.get_spec(detected)
+    missing = [k for k in _torchvision_required_keys(spec) if k not in state]
+    if missing:
+        raise ConversionError(
+            f"{source} is missing {len(missing)} of the {spec.name} keys, for example "
+            f"{missing[:4]}. The file is incomplete or not a torchvision {spec.name} state dict."
+        )
+    features, stats = _torchvision_features(state, spec)
+    channels = features[torchvision_layout(spec)[-1][0]]["kernel"].shape[-1]
+    fc6, image_size = _torchvision_fc6(state["classifier.0.weight"], channels, image_size, source)
+    params = {
+        "features": features,
+        "fc6": {"kernel": fc6, "bias": state["classifier.0.bias"]},
+        "fc7": {"kernel": state["classifier.3.weight"].T, "bias": state["classifier.3.bias"]},
+        "fc8": {"kernel": state["classifier.6.weight"].T, "bias": state["classifier.6.bias"]},
+    }
+    variables = {"params": params}
+    if spec.batch_norm:
+        variables["batch_stats"] = {"features": stats}
+    metadata = {"source_format": "torchvision", "source": source}
+    return _make_bundle(
+        spec.name, variables, image_size, TORCHVISION_PREPROCESSING, metadata, source
+    )
+
+
+def _torchvision_features(
+    state: Mapping[str, np.ndarray], spec: models.VGGSpec
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(conv and BN params, BN running statistics) of the `features` stages."""
+    params, stats = {}, {}
+    for name, conv, bn in torchvision_layout(spec):
+        params[name] = {
+            "kernel": state[f"features.{conv}.weight"].transpose(2, 3, 1, 0),  # -> h, w, in, out
+            "bias": state[f"features.{conv}.bias"],
+        }
+        if bn is not None:
+            bn_name = "bn" + name[4:]
+            params[bn_name] = {
+                "scale": state[f"features.{bn}.weight"],
+                "bias": state[f"features.{bn}.bias"],
+            }
+            stats[bn_name] = {
+                "mean": state[f"features.{bn}.running_mean"],
+                "var": state[f"features.{bn}.running_var"],
+            }
+    return params, stats
+
+
+def _torchvision_fc6(
+    weight: np.ndarray, channels: int, image_size: int | None, source: str
+) -> tuple[np.ndarray, int]:
+    """(FC1 as a (k, k, C, F) window kernel, image_size) from classifier.0.weight (F, C*k*k)."""
+    window = math.isqrt(weight.shape[1] // channels)
+    if window * window * channels != weight.shape[1]:
+        raise ConversionError(
+            f"{source}: classifier.0.weight has shape {weight.shape}; its input size "
+            f"{weight.shape[1]} is not k*k*{channels} (the last conv layer's channels)."
+        )
+    # Channel-major flatten (c, h, w) -> the (h, w, c, out) window kernel.
+    kernel = weight.reshape(-1, channels, window, window).transpose(2, 3, 1, 0)
+    image_size = image_size or window * 2**models.NUM_STAGES
+    target = models.feature_map_size(image_size)
+    if target != window:
+        if window != TORCHVISION_POOL:
+            raise ConversionError(
+                f"{source} has a {window}x{window} FC1 window (image_size "
+                f"{window * 32}); only torchvision's 7x7 can be refitted to image_size "
+                f"{image_size}. Convert without --image-size."
+            )
+        kernel = fold_adaptive_pool(kernel, target)
+    return kernel, image_size
+
+
+def _describe(spec: models.VGGSpec) -> str:
+    convs = len(models.conv_layer_names(spec))
+    return f"{convs} conv layers, {'with' if spec.batch_norm else 'no'} batch norm"
+
+
+def _torchvision_required_keys(spec: models.VGGSpec) -> list[str]:
+    keys = []
+    for _, conv, bn in torchvision_layout(spec):
+        keys += [f"features.{conv}.weight", f"features.{conv}.bias"]
+        if bn is not None:
+            keys += [
+                f"features.{bn}.{s}" for s in ("weight", "bias", "running_mean", "running_var")
+            ]
+    return keys + [f"classifier.{i}.{s}" for i in (0, 3, 6) for s in ("weight", "bias")]
+
+
+def to_torchvision(bundle: ModelBundle) -> dict[str, np.ndarray]:
+    """The bundle's variables as a torchvision VGG state dict (numpy arrays).
+
+    A model at image_size 224 gives exactly torchvision's keys and shapes; at
+    another size FC1 keeps its k x k window (classifier.0 has k*k*512 inputs),
+    which `from_torchvision` reads back but torchvision's own VGG class does not.
+    """
+    spec = models.get_spec(bundle.name)
+    if spec.lrn:
+        raise ConversionError(
+            f"{spec.name} has local response normalisation, which torchvision's VGG lacks."
+        )
+    params = bundle.variables["params"]
+    stats = bundle.variables.get("batch_stats", {})
+    state: dict[str, np.ndarray] = {}
+    for name, conv, bn in torchvision_layout(spec):
+        layer = params["features"][name]
+        state[f"features.{conv}.weight"] = _np(layer["kernel"]).transpose(3, 2, 0, 1)
+        state[f"features.{conv}.bias"] = _np(layer["bias"])
+        if bn is not None:
+            bn_name = "bn" + name[4:]
+            state[f"features.{bn}.weight"] = _np(params["features"][bn_name]["scale"])
+            state[f"features.{bn}.bias"] = _np(params["features"][bn_name]["bias"])
+            state[f"features.{bn}.running_mean"] = _np(stats["features"][bn_name]["mean"])
+            state[f"features.{bn}.running_var"] = _np(stats["features"][bn_name]["var"])
+            state[f"features.{bn}.num_batches_tracked"] = np.array(0, np.int64)
+    fc6 = _np(params["fc6"]["kernel"])  # (k, k, C, F) -> (F, C*k*k) channel-major
+    state["classifier.0.weight"] = fc6.transpose(3, 2, 0, 1).reshape(fc6.shape[-1], -1)
+    state["classifier.0.bias"] = _np(params["fc6"]["bias"])
+    for layer, index in (("fc7", 3), ("fc8", 6)):
+        state[f"classifier.{index}.weight"] = _np(params[layer]["kernel"]).T
+        state[f"classifier.{index}.bias"] = _np(params[layer]["bias"])
+    return {k: np.ascontiguousarray(v) for k, v in state.items()}
+
+
+# ---------------------------------------------------------------------------
+# Keras layout
+
+
+def _keras_layers_legacy(group: Any) -> dict[str, dict[str, np.ndarray]]:
+    """{layer name: {'kernel', 'bias'}} from the legacy (Keras 2 / keras.applications) layout."""
+    layers = {}
+    for name in _attr_names(group, "layer_names") or list(group):
+        layer = group[name]
+        weight_names = _attr_names(layer, "weight_names")
+        if not weight_names:
+            continue
+        arrays = {}
+        for w in weight_names:
+            short = w.split("/")[-1].split(":")[0]  # 'block1_conv1/kernel:0' -> 'kernel'
+            arrays[short] = np.asarray(layer[w])
+        layers[name] = arrays
+    return layers
+
+
+def _keras_layers_v3(group: Any) -> list[tuple[str, dict[str, np.ndarray]]]:
+    """[(kind, {'kernel', 'bias'})] in network order from a Keras 3 `.weights.h5`.
+
+    Keras 3 names layer groups by type and creation order ('conv2d', 'conv2d_1',
+    ..., 'dense'), not by the layer's name; the numeric suffix gives the order.
+    """
+
+    def order(name: str) -> int:
+        m = re.search(r"_(\d+)$", name)
+        return int(m.group(1)) if m else 0
+
+    found = []
+    for name in group:
+        node = group[name]
+        if "vars" not in node or len(node["vars"]) == 0:
+            continue
+        arrays = [np.asarray(node["vars"][str(i)]) for i in range(len(node["vars"]))]
+        kind = "conv" if arrays[0].ndim == 4 else "dense" if arrays[0].ndim == 2 else None
+        if kind is None or len(arrays) != 2:
+            continue
+        found.append((kind, order(name), {"kernel": arrays[0], "bias": arrays[1]}))
+    found.sort(key=lambda t: (t[0] != "conv", t[1]))
+    return [(kind, arrays) for kind, _, arrays in found]
+
+
+def _attr_names(node: Any, attr: str) -> list[str]:
+    values = node.attrs.get(attr)
+    if values is None:
+        return []
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
+
+
+def read_keras_file(path: str) -> list[tuple[str, dict[str, np.ndarray]]]:
+    """[(layer name or kind, {'kernel', 'bias'})] of the conv then dense layers, in order."""
+    import h5py
+
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise ConversionError(
+            f"{path} could not be opened as an HDF5 Keras weights file ({e}). It is truncated "
+            "or not a Keras file; download or save it again."
+        ) from e
+    try:
+        with f:
+            root = f["model_weights"] if "model_weights" in f else f  # a full-model .h5
+            if "layers" in root and "layer_names" not in root.attrs:
+                return _keras_layers_v3(root["layers"])
+            legacy = _keras_layers_legacy(root)
+    except (OSError, KeyError, ValueError) as e:
+        raise ConversionError(f"{path}: damaged or truncated HDF5 data ({e}).") from e
+    convs = sorted(
+        (n for n in legacy if re.fullmatch(r"block\d+_conv\d+", n)),
+        key=lambda n: tuple(int(v) for v in re.findall(r"\d+", n)),
+    )
+    missing = [n for n in ("fc1", "fc2", "predictions") if n not in legacy]
+    if missing:
+        hint = (
+            " It was saved with include_top=False; the classifier is needed."
+            if convs and len(missing) == 3
+            else ""
+        )
+        raise ConversionError(f"{path} has no layers {missing}.{hint}")
+    return [(n, legacy[n]) for n in convs] + [(n, legacy[n]) for n in ("fc1", "fc2", "predictions")]
+
+
+def from_keras_layers(
+    layers: list[tuple[str, dict[str, np.ndarray]]],
+    model: str | None = None,
+    source: str = "the Keras file",
+) -> ModelBundle:
+    """A bundle from Keras VGG16/VGG19 layers (conv layers in order, then fc1, fc2, predictions)."""
+    convs = [arrays for name, arrays in layers if arrays["kernel"].ndim == 4]
+    dense = [arrays for name, arrays in layers if arrays["kernel"].ndim == 2]
+    if len(dense) != 3:
+        raise ConversionError(
+            f"{source} has {len(dense)} dense layers; a Keras VGG with its classifier has 3 "
+            "(fc1, fc2, predictions). Was it saved with include_top=False?"
+        )
+    matches = [
+        n
+        for n in ("vgg11", "vgg13", "vgg16", "vgg19")
+        if len(models.conv_layer_names(models.get_spec(n))) == len(convs)
+    ]
+    if not matches:
+        raise ConversionError(f"{source} has {len(convs)} conv layers: no VGG has that many.")
+    detected = matches[0]
+    if model is not None and models.get_spec(model).name != detected:
+        want = models.get_spec(model)
+        raise ConversionError(
+            f"{source} holds a {detected} ({len(convs)} conv layers), not a {want.name} "
+            f"({len(models.conv_layer_names(want))} conv layers). Pass --model {detected}."
+        )
+    params: dict[str, Any] = {"features": {}}
+    for name, arrays in zip(models.conv_layer_names(models.get_spec(detected)), convs, strict=True):
+        params["features"][name] = {"kernel": arrays["kernel"], "bias": arrays["bias"]}
+    fc1 = dense[0]["kernel"]
+    channels = convs[-1]["kernel"].shape[-1]
+    window = math.isqrt(fc1.shape[0] // channels)
+    # Channels-last flatten (h, w, c): reshapes straight to the window kernel.
+    params["fc6"] = {
+        "kernel": fc1.reshape(window, window, channels, -1),
+        "bias": dense[0]["bias"],
+    }
+    params["fc7"] = dict(dense[1])
+    params["fc8"] = dict(dense[2])
+    return _make_bundle(
+        detected,
+        {"params": params},
+        window * 32,
+        KERAS_PREPROCESSING,
+        {"source_format": "keras", "source": source},
+        source,
+    )
+
+
+# ---------------------------------------------------------------------------
+# Files
+
+
+def sniff_format(path: str) -> str:
+    """'keras' for HDF5, 'torchvision' for safetensors or a PyTorch zip; errors otherwise."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No such weights file: {path}")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.startswith(_HDF5_MAGIC):
+        return "keras"
+    if head.startswith((_ZIP_MAGIC, _LEGACY_TORCH_MAGIC)) or _looks_like_safetensors(head):
+        return "torchvision"
+    raise ConversionError(
+        f"{path} is not a weights file vgg_jax reads: not HDF5 (Keras .h5), not safetensors "
+        "and not a PyTorch checkpoint (.pth from torch.save)."
+    )
+
+
+def _looks_like_safetensors(head: bytes) -> bool:
+    if len(head) < 9:
+        return False
+    header_len = int.from_bytes(head[:8], "little")
+    return 0 < header_len < 100_000_000 and head[8:9] == b"{"
+
+
+def read_torchvision_file(path: str) -> dict[str, np.ndarray]:
+    """A state dict from `.safetensors` (no torch needed) or a `.pth` (weights_only load)."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if _looks_like_safetensors(head):
+        from safetensors.numpy import load_file
+
+        try:
+            return dict(load_file(path))
+        except Exception as e:  # safetensors raises its own error type
+            raise ConversionError(f"{path} is a damaged or truncated safetensors file: {e}") from e
+    try:
+        import torch
+    except ImportError as e:
+        raise ConversionError(
+            f"Reading {path} (a PyTorch checkpoint) needs torch: `pip install vgg-jax[torch]`, "
+            "or convert it to .safetensors elsewhere."
+        ) from e
+    try:
+        obj = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
+        raise ConversionError(
+            f"{path} could not be read as a PyTorch weights file ({type(e).__name__}: {e}). "
+            "It is truncated, damaged, or holds more than tensors (only plain state dicts "
+            "load with weights_only=True)."
+        ) from e
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise ConversionError(f"{path} holds a {type(obj).__name__}, not a state dict.")
+    return {str(k): _to_numpy(v) for k, v in obj.items()}
+
+
+def write_torchvision_file(state: Mapping[str, np.ndarray], path: str) -> str:
+    """Writes a state dict as `.safetensors` (always) or `.pth` (needs torch)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import save_file
+
+        save_file(dict(state), path, metadata={"format": "pt"})
+    elif path.endswith((".pth", ".pt")):
+        try:
+            import torch
+        except ImportError as e:
+            raise ConversionError(
+                "Writing .pth needs torch (`pip install vgg-jax[torch]`); write .safetensors, "
+                "which torch reads with safetensors.torch.load_file."
+            ) from e
+        torch.save({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, path)
+    else:
+        raise ConversionError(f"Export path {path} must end in .safetensors or .pth.")
+    return path
+
+
+def convert_file(
+    path: str, fmt: str | None = None, model: str | None = None, image_size: int | None = None
+) -> ModelBundle:
+    """A bundle from a torchvision (.pth/.safetensors) or Keras (.h5/.weights.h5) file."""
+    detected = sniff_format(path)
+    fmt = fmt or detected
+    if fmt not in FORMATS:
+        raise ConversionError(f"Unknown format {fmt!r}; choose one of {FORMATS}.")
+    if fmt != detected:
+        raise ConversionError(
+            f"{path} looks like a {detected} file, not {fmt}; drop --format or give the right file."
+        )
+    if fmt == "torchvision":
+        return from_torchvision(read_torchvision_file(path), model, image_size, path)
+    bundle = from_keras_layers(read_keras_file(path), model, path)
+    return adapt_bundle(bundle, image_size=image_size) if image_size else bundle
+
+
+# ---------------------------------------------------------------------------
+# Adapting converted weights for fine-tuning on other inputs
+
+
+def adapt_bundle(
+    bundle: ModelBundle, in_channels: int | None = None, image_size: int | None = None
+) -> ModelBundle:
+    """The bundle for greyscale input and/or another training resolution.
+
+    in_channels=1: grey pixels g in [0, 1] stand for the RGB image (g, g, g);
+    the preprocessing (value range, per-channel mean and std) is folded into
+    conv1_1, whose kernel becomes sum_c W_c * range / std_c and whose bias
+    absorbs the means, so the new bundle's preprocessing is the identity on
+    [0, 1] (Fashion-MNIST's config: value_range 1, mean (0,), std (1,)). The
+    result equals the RGB network on (g, g, g) except in conv1_1's one-pixel
+    border, where the zero padding now means black instead of the mean colour.
+
+    image_size: FC1's 7x7 window is refitted to the new last feature map with
+    torchvision's adaptive average pool folded in (`fold_adaptive_pool`):
+    exactly torchvision's behaviour at that size.
+    """
+    variables = _tree_map(np.asarray, bundle.variables)
+    params = variables["params"]
+    preprocessing, options = bundle.preprocessing, dict(bundle.options)
+    metadata = dict(bundle.metadata)
+    if in_channels is not None:
+        if in_channels != 1:
+            raise ConversionError(f"in_channels must be 1 (greyscale), got {in_channels}.")
+        conv = params["features"]["conv1_1"]
+        kernel = conv["kernel"].astype(np.float64)  # (k, k, C, out)
+        if kernel.shape[2] != 3:
+            raise ConversionError(f"conv1_1 has {kernel.shape[2]} input channels, expected 3.")
+        std = np.asarray(preprocessing.std, np.float64)
+        mean = np.asarray(preprocessing.mean, np.float64)
+        scaled = kernel / std[None, None, :, None]
+        conv["kernel"] = (scaled.sum(2, keepdims=True) * preprocessing.value_range).astype(
+            np.float32
+        )
+        conv["bias"] = (conv["bias"] - np.einsum("hwco,c->o", scaled, mean)).astype(np.float32)
+        preprocessing = Preprocessing("RGB", 1.0, (0.0,), (1.0,))
+        metadata["adapted_in_channels"] = 1
+    if image_size is not None and image_size != bundle.image_size:
+        window = models.feature_map_size(image_size)
+        if window < 1:
+            raise ConversionError(f"image_size {image_size} is below VGG's minimum of 32.")
+        params["fc6"]["kernel"] = fold_adaptive_pool(params["fc6"]["kernel"], window)
+        options["image_size"] = int(image_size)
+        metadata["adapted_image_size"] = int(image_size)
+    source = metadata.get("source", bundle.name)
+    return _make_bundle(
+        bundle.name, variables, options["image_size"], preprocessing, metadata, source, options
+    )
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+
+
+def _make_bundle(
+    name: str,
+    variables: dict[str, Any],
+    image_size: int,
+    preprocessing: Preprocessing,
+    metadata: dict[str, Any],
+    source: str,
+    base_options: Mapping[str, Any] | None = None,
+) -> ModelBundle:
+    """Checks the variables against the model their shapes describe and wraps them."""
+    params = variables["params"]
+    conv1 = params["features"]["conv1_1"]["kernel"]
+    width_divisor = models.STAGE_WIDTHS[0] // conv1.shape[-1]
+    options = dict(base_options or {})
+    options |= {
+        "num_classes": int(params["fc8"]["kernel"].shape[-1]),
+        "width_divisor": int(width_divisor),
+        "fc_width": int(params["fc7"]["kernel"].shape[-1]),
+        "image_size": int(image_size),
+    }
+    variables = {
+        k: _tree_map(lambda a: np.ascontiguousarray(a, dtype=np.float32), v)
+        for k, v in variables.items()
+    }
+    if (
+        options["num_classes"] == len(imagenet_classes.CLASSES)
+        and metadata.get("source_format") in FORMATS
+    ):
+        # ImageNet weights: name the classes for every tool that reads the bundle.
+        metadata = dict(metadata)
+        metadata.setdefault("class_names", [imagenet_classes.class_name(i) for i in range(1000)])
+    bundle = ModelBundle(name, options, variables, preprocessing, metadata)
+    try:
+        checkpoints.check_variables(bundle.model, variables, channels=None, source=source)
+    except ValueError as e:
+        raise ConversionError(str(e)) from e
+    return bundle
+
+
+def _tree_map(fn: Any, tree: Any) -> Any:
+    if isinstance(tree, Mapping):
+        return {k: _tree_map(fn, v) for k, v in tree.items()}
+    return fn(tree)
+
+
+def _np(x: Any) -> np.ndarray:
+    return np.asarray(x)
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m vgg_jax.convert",
+        description="Convert torchvision/Keras VGG weights to a vgg_jax bundle, or export one.",
+    )
+    parser.add_argument("src", help="weights file (.pth, .safetensors, .h5) or a bundle directory")
+    parser.add_argument("--to", help="output bundle directory")
+    parser.add_argument("--format", choices=FORMATS, help="source format (default: detected)")
+    parser.add_argument("--model", help="expected model, e.g. vgg16 (default: detected)")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        help="torchvision only: build for this input size, folding the 7x7 adaptive pool "
+        "into FC1 (default 224)",
+    )
+    parser.add_argument(
+        "--in-channels",
+        type=int,
+        choices=(1,),
+        help="1: fold the preprocessing into conv1_1 for greyscale input in [0, 1] (fine-tuning "
+        "on greyscale data such as Fashion-MNIST)",
+    )
+    parser.add_argument(
+        "--export-torchvision",
+        metavar="OUT",
+        help="export the bundle SRC to a torchvision state dict (.safetensors or .pth)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        if args.export_torchvision:
+            bundle = checkpoints.load_bundle(args.src)
+            write_torchvision_file(to_torchvision(bundle), args.export_torchvision)
+            print(f"Wrote {bundle.name} as a torchvision state dict to {args.export_torchvision}")
+            return 0
+        if not args.to:
+            parser.error("give --to OUT_BUNDLE (or --export-torchvision OUT)")
+        if checkpoints.is_bundle(args.src):
+            bundle = checkpoints.load_bundle(args.src)
+            bundle = adapt_bundle(bundle, args.in_channels, args.image_size)
+        else:
+            bundle = convert_file(args.src, args.format, args.model, args.image_size)
+            if args.in_channels:
+                bundle = adapt_bundle(bundle, args.in_channels)
+        checkpoints.save_bundle(args.to, bundle)
+    except (ValueError, FileNotFoundError) as e:  # ConversionError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    p = bundle.preprocessing
+    print(
+        f"Converted {bundle.name} ({bundle.metadata.get('source_format', 'bundle')}, image_size "
+        f"{bundle.image_size}, {bundle.num_classes} classes) to {args.to}; preprocessing "
+        f"{p.channel_order}, x*{p.value_range:g} - {p.mean}, / {p.std}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""VGG as a feature extractor: named activations, perceptual loss, the paper's descriptor.
+
+Every function takes either a `ModelBundle` (from `vgg_jax.convert` or
+`checkpoints.load_bundle`) or a bare `VGG` model with its variables:
+
+* with a bundle, images are RGB pixels in [0, 1] (NHWC) and the bundle's own
+  preprocessing (channel order, value range, mean, std) is applied, so
+  converted torchvision and Keras weights see what they were trained on;
+* with a model, images are network input, already preprocessed.
+
+    bundle = checkpoints.load_bundle("weights/vgg16_torchvision")
+    acts = features(bundle, None, images, layers=("relu1_2", "pool5", "fc7"))
+    loss = perceptual_loss(bundle, None, x, y)            # differentiable in x and y
+    desc = image_descriptor(bundle, None, [img1, img2])   # (2, 4096), unit L2 norm
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vgg_jax import models
+from vgg_jax.checkpoints import ModelBundle, Preprocessing
+
+Array = jax.Array
+DESCRIPTOR_SCALES = (256, 384, 512)  # the paper's Q for Appendix B
+
+
+def _resolve(
+    network: ModelBundle | models.VGG, variables: Mapping[str, Any] | None
+) -> tuple[models.VGG, Mapping[str, Any], Preprocessing | None]:
+    """(model, variables, preprocessing or None) from a bundle or a model."""
+    if isinstance(network, ModelBundle):
+        return network.model, variables or network.variables, network.preprocessing
+    if not isinstance(network, models.VGG):
+        raise TypeError(
+            f"Expected a ModelBundle or a vgg_jax VGG model, got {type(network).__name__}."
+        )
+    if variables is None:
+        raise ValueError("A bare VGG model needs its variables; pass them, or pass a bundle.")
+    return network, variables, None
+
+
+@functools.lru_cache(maxsize=64)
+def _extractor(model: models.VGG, names: tuple[str, ...]) -> Any:
+    """One compiled function per (model, layer set); jit then caches per input shape."""
+    return jax.jit(lambda v, x: model.apply(v, x, names, method="extract"))
+
+
+def _check_layers(model: models.VGG, layers: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(layers, str):
+        layers = (layers,)
+    valid = model.layer_names()
+    unknown = [n for n in layers if n not in valid]
+    if unknown:
+        raise ValueError(f"{model.spec.name} has no layers {unknown}; valid names: {valid}.")
+    return tuple(layers)
+
+
+def features(
+    network: ModelBundle | models.VGG,
+    variables: Mapping[str, Any] | None,
+    images: Array | np.ndarray,
+    layers: Sequence[str] = ("fc7",),
+) -> dict[str, Array]:
+    """Activations of the named layers, {name: (N, H', W', C)}, in one forward pass.
+
+    Names: 'conv{s}_{i}' (before ReLU), 'relu{s}_{i}', 'pool{s}', 'lrn1' and
+    'fc6'/'fc7' (ReLU outputs of the head applied convolutionally: maps, which
+    need inputs of at least the model's image_size). Any input size works for
+    the convolutional layers.
+    """
+    model, variables, preprocessing = _resolve(network, variables)
+    names = _check_layers(model, layers)
+    x = jnp.asarray(images, jnp.float32)
+    if x.ndim == 3:
+        raise ValueError(f"images must be a batch (N, H, W, C); got shape {x.shape}. Add x[None].")
+    if preprocessing is not None:
+        x = preprocessing(x)
+    return _extractor(model, names)(variables, x)
+
+
+def default_perceptual_layers(model: models.VGG) -> tuple[str, ...]:
+    """The last ReLU of stages 1-4 (relu1_2, relu2_2, relu3_3, relu4_3 for VGG16).
+
+    As in Johnson et al. (2016)'s perceptual losses, for whatever depth the
+    configuration has.
+    """
+    return tuple(f"relu{s + 1}_{len(k)}" for s, k in enumerate(model.spec.stages[:4]))
+
+
+def perceptual_loss(
+    network: ModelBundle | models.VGG,
+    variables: Mapping[str, Any] | None,
+    x: Array,
+    y: Array,
+    layers: Sequence[str] | None = None,
+    weights: Sequence[float] | None = None,
+) -> Array:
+    """Weighted sum over layers of the mean squared difference of x's and y's activations.
+
+    Differentiable in x and y (a scalar); x and y are batches of the same shape.
+    `layers` defaults to `default_perceptual_layers`, `weights` to all ones.
+    """
+    model, _, _ = _resolve(network, variables)
+    names = _check_layers(model, layers or default_perceptual_layers(model))
+    weights = tuple(weights) if weights is not None else (1.0,) * len(names)
+    if len(weights) != len(names):
+        raise ValueError(f"{len(weights)} weights for {len(names)} layers {names}.")
+    if jnp.shape(x) != jnp.shape(y):
+        raise ValueError(f"x and y must have the same shape; got {jnp.shape(x)}, {jnp.shape(y)}.")
+    both = features(network, variables, jnp.concatenate([x, y]), names)
+    n = jnp.shape(x)[0]
+    total = jnp.zeros((), jnp.float32)
+    for name, w in zip(names, weights, strict=True):
+        a = both[name].astype(jnp.float32)
+        total = total + w * jnp.mean(jnp.square(a[:n] - a[n:]))
+    return total
+
+
+def resize_smallest_side(image: Array | np.ndarray, size: int) -> Array:
+    """Isotropic bilinear (antialiased) rescale of one HxWxC image to smallest side `size`."""
+    h, w = image.shape[:2]
+    scale = size / min(h, w)
+    shape = (max(size, round(h * scale)), max(size, round(w * scale)), image.shape[2])
+    return jax.image.resize(jnp.asarray(image, jnp.float32), shape, "bilinear", antialias=True)
+
+
+def image_descriptor(
+    network: ModelBundle | models.VGG,
+    variables: Mapping[str, Any] | None,
+    images: Array | np.ndarray | Sequence[Array | np.ndarray],
+    scales: Sequence[int] = DESCRIPTOR_SCALES,
+    flip: bool = True,
+    combine: str = "mean",
+    layer: str = "fc7",
+) -> Array:
+    """The paper's Appendix B descriptor: (N, D), unit L2 norm per row.
+
+    Each image (HxWxC, any size; a list may mix sizes) is rescaled to smallest
+    side Q for every Q in `scales`; the penultimate layer (`fc7`, 4096-D at
+    full width) is computed densely over the whole image and averaged over
+    positions and over the image and its horizontal flip; the scales are then
+    averaged (`combine='mean'`, D = 4096) or concatenated ('stack', D = 4096 *
+    len(scales)); finally L2-normalised.
+    """
+    if combine not in ("mean", "stack"):
+        raise ValueError(f"combine must be 'mean' or 'stack', got {combine!r}.")
+    model, variables, _ = _resolve(network, variables)
+    too_small = [q for q in scales if q < model.image_size]
+    if too_small:
+        raise ValueError(
+            f"scales {too_small} are below the model's image_size {model.image_size}: dense "
+            "evaluation needs inputs at least that large."
+        )
+    if isinstance(images, (np.ndarray, jax.Array)) and jnp.ndim(images) == 3:
+        images = [images]
+    rows = []
+    for image in images:
+        per_scale = []
+        for q in scales:
+            x = resize_smallest_side(image, q)[None]
+            batch = jnp.concatenate([x, x[:, :, ::-1]]) if flip else x
+            maps = features(network, variables, batch, (layer,))[layer]
+            per_scale.append(jnp.mean(maps, axis=(0, 1, 2)))  # positions and flips
+        vec = jnp.mean(jnp.stack(per_scale), 0) if combine == "mean" else jnp.concatenate(per_scale)
+        rows.append(vec)
+    desc = jnp.stack(rows)
+    norm = jnp.linalg.norm(desc, axis=-1, keepdims=True)
+    return desc / jnp.maximum(norm, 1e-12)
