@@ -10,7 +10,7 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from vgg_jax import checkpoints, convert, predict
+from vgg_jax import checkpoints, convert, image_io, predict
 
 
 @pytest.fixture(scope="module")
@@ -33,15 +33,15 @@ def image_files(tmp_path_factory):
 
 def test_load_image_any_mode(image_files, tmp_path):
     for path in image_files.values():
-        img = predict.load_image(path)
+        img = image_io.load_image(path)
         assert img.shape == (300, 451, 3) and img.dtype == np.float32
         assert 0.0 <= img.min() and img.max() <= 1.0 and img.max() > 0.5
-    grey = predict.load_image(image_files["grey"])
+    grey = image_io.load_image(image_files["grey"])
     np.testing.assert_array_equal(grey[..., 0], grey[..., 2])
     junk = tmp_path / "x.jpg"
     junk.write_text("not an image")
-    with pytest.raises(ValueError, match="not an image"):
-        predict.load_image(str(junk))
+    with pytest.raises(ValueError, match="Cannot read image"):
+        image_io.load_image(str(junk))
 
 
 def test_central_crop_takes_the_centre():

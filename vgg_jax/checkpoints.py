@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from vgg_jax import models
+from vgg_jax import fileio, models
 
 BUNDLE_FILE = "vgg_jax_model.json"
 VARIABLES_DIR = "variables"
@@ -114,12 +114,12 @@ def _json_ready(options: Mapping[str, Any]) -> dict[str, Any]:
 
 def save_bundle(path: str | os.PathLike, bundle: ModelBundle) -> str:
     """Writes a bundle directory (overwriting one that is there); returns its path."""
-    path = os.path.abspath(os.fspath(path))
-    os.makedirs(path, exist_ok=True)
+    path = fileio.absolute(path)
+    fileio.makedirs(path)
     variables = {k: v for k, v in bundle.variables.items() if k in ("params", "batch_stats")}
     variables = jax.tree.map(np.asarray, variables)
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.join(path, VARIABLES_DIR), variables, force=True)
+    checkpointer.save(fileio.join(path, VARIABLES_DIR), variables, force=True)
     checkpointer.wait_until_finished()
     meta = {
         "format_version": FORMAT_VERSION,
@@ -129,30 +129,26 @@ def save_bundle(path: str | os.PathLike, bundle: ModelBundle) -> str:
         "metadata": bundle.metadata,
     }
     # Written last: a bundle without its JSON is never taken for a complete one.
-    tmp = os.path.join(path, BUNDLE_FILE + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(meta, f, indent=2)
-    os.replace(tmp, os.path.join(path, BUNDLE_FILE))
+    fileio.write_text_atomic(fileio.join(path, BUNDLE_FILE), json.dumps(meta, indent=2))
     return path
 
 
 def is_bundle(path: str | os.PathLike) -> bool:
-    return os.path.isfile(os.path.join(os.fspath(path), BUNDLE_FILE))
+    return fileio.isfile(fileio.join(path, BUNDLE_FILE))
 
 
 def load_bundle(path: str | os.PathLike) -> ModelBundle:
     """Reads a bundle directory written by `save_bundle`, checking shapes against the model."""
-    path = os.path.abspath(os.fspath(path))
-    meta_path = os.path.join(path, BUNDLE_FILE)
-    if not os.path.isfile(meta_path):
+    path = fileio.absolute(path)
+    meta_path = fileio.join(path, BUNDLE_FILE)
+    if not fileio.isfile(meta_path):
         raise FileNotFoundError(
             f"{path} is not a vgg_jax model bundle: {BUNDLE_FILE} is missing. Bundles are "
             "written by `python -m vgg_jax.convert` or `vgg_jax.checkpoints.save_bundle`; a "
             "training run's directory is loaded with `--workdir` instead."
         )
     try:
-        with open(meta_path) as f:
-            meta = json.load(f)
+        meta = json.loads(fileio.read_text(meta_path))
     except json.JSONDecodeError as e:
         raise ValueError(f"{meta_path} is not valid JSON ({e}); the bundle is damaged.") from e
     name, options = meta["model"], dict(meta["options"])
@@ -165,7 +161,7 @@ def load_bundle(path: str | os.PathLike) -> ModelBundle:
         ),
         metadata=meta.get("metadata", {}),
     )
-    variables_dir = os.path.join(path, VARIABLES_DIR)
+    variables_dir = fileio.join(path, VARIABLES_DIR)
     try:
         restored = ocp.StandardCheckpointer().restore(variables_dir)
     except Exception as e:  # orbax raises many types for damaged or missing files
@@ -259,7 +255,7 @@ def state_manager(workdir: str, keep: int = 3, read_only: bool = False) -> ocp.C
         max_to_keep=keep, create=not read_only, read_only=read_only, cleanup_tmp_directories=True
     )
     return ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), STATE_DIR),
+        fileio.join(fileio.absolute(workdir), STATE_DIR),
         options=options,
         item_handlers={
             "state": ocp.StandardCheckpointHandler(),
@@ -277,12 +273,15 @@ def best_manager(workdir: str, read_only: bool = False) -> ocp.CheckpointManager
         # Synchronous: a second manager saving in the background beside the state manager's
         # async save was seen to hang a two-process run at its final step.
         enable_async_checkpointing=False,
+        # Its own barrier names: both managers save at the same step, and with the default
+        # (shared) keys their cross-process barriers would pair up with each other's.
+        multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix="best"),
         create=not read_only,
         read_only=read_only,
         cleanup_tmp_directories=not read_only,
     )
     return ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), BEST_DIR),
+        fileio.join(fileio.absolute(workdir), BEST_DIR),
         options=options,
         item_handlers={"variables": ocp.StandardCheckpointHandler()},
     )
@@ -300,14 +299,13 @@ def abstract_from_metadata(tree: Any, sharding: Any = None) -> Any:
 
 def read_run_config(workdir: str) -> dict[str, Any]:
     """The config a training run saved in workdir/config.json, as a plain dict."""
-    path = os.path.join(os.path.abspath(workdir), CONFIG_FILE)
-    if not os.path.isfile(path):
+    path = fileio.join(fileio.absolute(workdir), CONFIG_FILE)
+    if not fileio.isfile(path):
         raise FileNotFoundError(
             f"{workdir} is not a vgg_jax training run: {CONFIG_FILE} is missing. Train with "
             "`python -m vgg_jax.train --config ... --workdir DIR`, or give a model bundle."
         )
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(fileio.read_text(path))
 
 
 def load_workdir(workdir: str | os.PathLike, which: str = "best") -> ModelBundle:
@@ -317,7 +315,7 @@ def load_workdir(workdir: str | os.PathLike, which: str = "best") -> ModelBundle
     """
     if which not in ("best", "latest"):
         raise ValueError(f"which must be 'best' or 'latest', got {which!r}.")
-    workdir = os.path.abspath(os.fspath(workdir))
+    workdir = fileio.absolute(workdir)
     cfg = read_run_config(workdir)
     options = {k: cfg[k] for k in models.MODEL_OPTIONS if k in cfg}
     preprocessing = Preprocessing(
@@ -327,7 +325,7 @@ def load_workdir(workdir: str | os.PathLike, which: str = "best") -> ModelBundle
         std=tuple(float(v) for v in np.ravel(cfg["std_rgb"])),
     )
     variables, step, source = None, None, ""
-    if which == "best" and os.path.isdir(os.path.join(workdir, BEST_DIR)):
+    if which == "best" and fileio.isdir(fileio.join(workdir, BEST_DIR)):
         mgr = best_manager(workdir, read_only=True)
         step = mgr.best_step()
         if step is not None:
@@ -335,7 +333,7 @@ def load_workdir(workdir: str | os.PathLike, which: str = "best") -> ModelBundle
             restored = mgr.restore(
                 step, args=ocp.args.Composite(variables=ocp.args.StandardRestore(target))
             )
-            variables, source = dict(restored["variables"]), os.path.join(workdir, BEST_DIR)
+            variables, source = dict(restored["variables"]), fileio.join(workdir, BEST_DIR)
     if variables is None:
         mgr = state_manager(workdir, read_only=True)
         step = mgr.latest_step()
@@ -348,7 +346,7 @@ def load_workdir(workdir: str | os.PathLike, which: str = "best") -> ModelBundle
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
         )
         variables = {k: restored["state"][k] for k in keep}
-        source = os.path.join(workdir, STATE_DIR)
+        source = fileio.join(workdir, STATE_DIR)
     bundle = ModelBundle(
         name=cfg["model"],
         options=options,

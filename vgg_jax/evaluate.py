@@ -79,7 +79,7 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vgg_jax import checkpoints, layers, models
+from vgg_jax import checkpoints, fileio, layers, models
 
 Array = jax.Array
 Preprocess = Callable[[Array], Array]
@@ -858,9 +858,8 @@ def _base_config(args: argparse.Namespace) -> Any:
     """The data config: workdir/config.json, --config FILE[:variant], or the defaults."""
     import ml_collections
 
-    if args.workdir and os.path.isfile(os.path.join(args.workdir, "config.json")):
-        with open(os.path.join(args.workdir, "config.json")) as f:
-            return ml_collections.ConfigDict(json.load(f))
+    if args.workdir and fileio.isfile(fileio.join(args.workdir, checkpoints.CONFIG_FILE)):
+        return ml_collections.ConfigDict(checkpoints.read_run_config(args.workdir))
     path = args.config or os.path.join(os.path.dirname(__file__), "..", "configs", "default.py")
     path, _, variant = path.partition(":")
     if not os.path.isfile(path):
@@ -878,19 +877,13 @@ def _base_config(args: argparse.Namespace) -> Any:
 
 def load_network(path: str, which: str = "best") -> tuple[Member, checkpoints.ModelBundle]:
     """A model bundle directory, or a training workdir (its best or latest checkpoint)."""
-    if not os.path.exists(path):
+    if not fileio.exists(path):
         raise SystemExit(f"{path} does not exist.")
     if checkpoints.is_bundle(path):
         bundle = checkpoints.load_bundle(path)
     else:
-        load_workdir = getattr(checkpoints, "load_workdir", None)
-        if load_workdir is None:
-            raise SystemExit(
-                f"{path} is not a model bundle, and this version of vgg_jax cannot read "
-                "training workdirs (checkpoints.load_workdir is missing)."
-            )
-        bundle = load_workdir(path, which=which)
-    name = os.path.basename(os.path.normpath(path))
+        bundle = checkpoints.load_workdir(path, which=which)
+    name = fileio.basename(path)
     return Member.from_bundle(bundle, name=name), bundle
 
 

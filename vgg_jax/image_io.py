@@ -5,15 +5,14 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 
-def load_image(path: str | os.PathLike, channels: int = 3) -> np.ndarray:
-    """The image at `path` as float32 (H, W, channels) in [0, 1].
+def open_image(path: str | os.PathLike, channels: int = 3) -> Image.Image:
+    """The image at `path`, upright (EXIF orientation applied), as PIL "RGB" or "L" (channels=1).
 
-    Greyscale, palette, CMYK and alpha images are converted (alpha dropped);
-    channels=1 gives luminance. A missing, unreadable or truncated file raises
-    an error that names it.
+    Greyscale, palette, CMYK and alpha images are converted (alpha dropped). A
+    missing, unreadable or truncated file raises an error that names it.
     """
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}.")
@@ -23,8 +22,13 @@ def load_image(path: str | os.PathLike, channels: int = 3) -> np.ndarray:
     try:
         with Image.open(path) as image:
             image.load()  # decodes everything now, so truncated files fail here
-            image = image.convert("L" if channels == 1 else "RGB")
+            image = ImageOps.exif_transpose(image).convert("L" if channels == 1 else "RGB")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"Cannot read image {path!r}: {e}. Is it a valid JPEG/PNG file?") from e
-    pixels = np.asarray(image, np.float32) / 255.0
+    return image
+
+
+def load_image(path: str | os.PathLike, channels: int = 3) -> np.ndarray:
+    """The image at `path` as float32 (H, W, channels) in [0, 1] (see `open_image`)."""
+    pixels = np.asarray(open_image(path, channels), np.float32) / 255.0
     return pixels[..., None] if pixels.ndim == 2 else pixels

@@ -6,13 +6,15 @@ fetched from the devices every `log_every_steps` steps, never per step.
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Mapping
 from typing import Any
+
+from vgg_jax import fileio
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
@@ -79,7 +81,7 @@ class MetricsWriter:
 
     def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True):
         self.enabled = enabled
-        self.path = os.path.join(workdir, METRICS_FILE)
+        self.path = fileio.join(workdir, METRICS_FILE)
         self._tb = None
         if enabled and tensorboard:
             try:
@@ -87,7 +89,7 @@ class MetricsWriter:
 
                 global _SCALAR
                 _SCALAR = _SCALAR or _scalar_metadata()
-                self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+                self._tb = tf.summary.create_file_writer(fileio.join(workdir, "tensorboard"))
             except Exception:  # TensorBoard is a convenience; the JSON file is the record
                 self._tb = None
 
@@ -96,8 +98,7 @@ class MetricsWriter:
             return
         record = {"step": int(step), "epoch": round(float(epoch), 4), "time": time.time()}
         record.update({k: float(v) for k, v in figures.items()})
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        fileio.append_text(self.path, json.dumps(record) + "\n")
         if self._tb is not None:
             import tensorflow as tf
 
@@ -115,11 +116,10 @@ class MetricsWriter:
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
     """All records of workdir/metrics.jsonl (an empty list when there is none)."""
-    path = os.path.join(workdir, METRICS_FILE)
-    if not os.path.exists(path):
+    path = fileio.join(workdir, METRICS_FILE)
+    if not fileio.exists(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in fileio.read_text(path).splitlines() if line.strip()]
 
 
 def per_epoch(records: list[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
@@ -150,14 +150,13 @@ def per_epoch(records: list[dict[str, Any]]) -> dict[str, list[tuple[float, floa
 
 def plot_curves(workdir: str, path: str | None = None) -> str:
     """Training loss (left axis), training and test accuracy (right axis) per epoch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure (no pyplot): no global backend switch, nothing left open in notebooks.
+    from matplotlib.figure import Figure
 
     series = per_epoch(read_metrics(workdir))
-    path = path or os.path.join(workdir, CURVES_FILE)
-    fig, ax_loss = plt.subplots(figsize=(6, 4))
+    path = path or fileio.join(workdir, CURVES_FILE)
+    fig = Figure(figsize=(6, 4))
+    ax_loss = fig.subplots()
     ax_acc = ax_loss.twinx()
     styles = {
         "train_loss": (ax_loss, "train loss", "C0", "-"),
@@ -177,8 +176,9 @@ def plot_curves(workdir: str, path: str | None = None) -> str:
     ax_loss.grid(True, alpha=0.3)
     if lines:
         ax_loss.legend(lines, [ln.get_label() for ln in lines], loc="center right")
-    ax_loss.set_title(os.path.basename(os.path.abspath(workdir)))
+    ax_loss.set_title(fileio.basename(fileio.absolute(workdir)))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
+    fileio.write_bytes_atomic(path, png.getvalue())
     return path

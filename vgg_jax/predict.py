@@ -20,29 +20,13 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from vgg_jax import checkpoints, imagenet_classes
 from vgg_jax.checkpoints import ModelBundle
+from vgg_jax.image_io import open_image
 
 DENSE_SCALES = (256, 384, 512)
-
-
-def open_image(path: str) -> Image.Image:
-    """Any image file PIL reads, upright (EXIF orientation applied), as RGB."""
-    try:
-        image = Image.open(path)
-        image.load()
-    except FileNotFoundError:
-        raise
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"{path} is not an image PIL can read ({e}).") from e
-    return ImageOps.exif_transpose(image).convert("RGB")
-
-
-def load_image(path: str) -> np.ndarray:
-    """An image file as float32 (H, W, 3) RGB pixels in [0, 1] (grey, CMYK, alpha converted)."""
-    return np.asarray(open_image(path), np.float32) / 255.0
 
 
 def central_crop(image: Image.Image | np.ndarray, image_size: int = 224) -> np.ndarray:
@@ -118,7 +102,7 @@ def predict(
     Bundles adapted to greyscale (`convert --in-channels 1`) get the images in grey.
     """
     grey = np.shape(bundle.variables["params"]["features"]["conv1_1"]["kernel"])[2] == 1
-    images = [open_image(p).convert("L") if grey else open_image(p) for p in paths]
+    images = [open_image(p, 1 if grey else 3) for p in paths]
     if dense:
         pixels = [np.asarray(im, np.float32) / 255.0 for im in images]
         pixels = [p[..., None] if p.ndim == 2 else p for p in pixels]

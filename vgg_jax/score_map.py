@@ -61,10 +61,7 @@ def draw(
     output: str,
 ) -> None:
     """Saves the image and one heat-map panel per class to `output` (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend switch
 
     stride = evaluate.NETWORK_STRIDE
     rows, cols = maps.shape[:2]
@@ -74,7 +71,8 @@ def draw(
               half - stride / 2)  # fmt: skip
     shown = image[..., 0] if image.shape[-1] == 1 else image
     top = max(float(maps.max()), 1e-6)  # one colour scale for all panels
-    fig, axes = plt.subplots(1, len(names) + 1, figsize=(4 * (len(names) + 1), 4.4))
+    fig = Figure(figsize=(4 * (len(names) + 1), 4.4))
+    axes = fig.subplots(1, len(names) + 1)
     axes[0].imshow(np.clip(shown, 0, 1), cmap="gray" if shown.ndim == 2 else None)
     axes[0].set_title(f"input, Q={min(image.shape[:2])}")
     for ax, name, p, m in zip(axes[1:], names, probs, np.moveaxis(maps, -1, 0), strict=True):
@@ -87,7 +85,6 @@ def draw(
         ax.axis("off")
     fig.colorbar(heat, ax=axes[1:], shrink=0.8, label="per-position soft-max probability")
     fig.savefig(output, dpi=100)
-    plt.close(fig)
 
 
 def main(argv: Sequence[str] | None = None) -> str:

@@ -44,7 +44,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from vgg_jax import checkpoints, models, parallel
+from vgg_jax import checkpoints, fileio, models, parallel
 from vgg_jax import metrics as metrics_lib
 
 log = logging.getLogger(__name__)
@@ -204,7 +204,7 @@ def init_state(config, model, channels: int, steps_per_epoch: int) -> TrainState
 
 def load_init_source(path: str) -> checkpoints.ModelBundle:
     """A model bundle, or a training run's best (else latest) variables."""
-    if not os.path.exists(path):
+    if not fileio.exists(path):
         raise FileNotFoundError(
             f"config.init_from={path!r} does not exist. Train the previous stage there first "
             "(the :384 and :jitter variants start from the :256 and :384 runs, see "
@@ -432,11 +432,8 @@ def _data():
 
 
 def _save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    path = os.path.join(workdir, checkpoints.CONFIG_FILE)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(config.to_dict(), f, indent=2, default=str)
-    os.replace(tmp, path)
+    text = json.dumps(config.to_dict(), indent=2, default=str)
+    fileio.write_text_atomic(fileio.join(workdir, checkpoints.CONFIG_FILE), text)
 
 
 def _abstract_state(config, model, channels, spe, mesh) -> tuple[Any, Any]:
@@ -447,7 +444,7 @@ def _abstract_state(config, model, channels, spe, mesh) -> tuple[Any, Any]:
 
 def _restore(run: _Run, step: int, shapes: Any) -> tuple[TrainState, dict[str, Any]]:
     """The state saved at `step`, checked against the model first (naming a mismatch)."""
-    source = os.path.join(run.workdir, checkpoints.STATE_DIR, str(step))
+    source = fileio.join(run.workdir, checkpoints.STATE_DIR, str(step))
     saved = run.manager.item_metadata(step)["state"]
     saved_params = checkpoints.abstract_from_metadata(dict(saved["params"]))
     checkpoints.check_variables(run.model, {"params": saved_params}, channels=None, source=source)
@@ -665,8 +662,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """Trains (or resumes) the experiment `config` in `workdir`; returns the final figures."""
     validate_config(config)
     parallel.initialize_distributed(config)
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    workdir = fileio.absolute(workdir)
+    fileio.makedirs(workdir)
     run, (shapes, channels) = _setup(config, workdir)
     latest = run.manager.latest_step()
     if latest is not None:
@@ -743,7 +740,7 @@ def _loop(run: _Run, state: TrainState) -> dict[str, Any]:
         run.say(
             f"Finished step {step}: validation top-1 {final:.4f}"
             f" (best {run.meta['best_accuracy']:.4f}). Curves: "
-            f"{os.path.join(run.workdir, metrics_lib.CURVES_FILE)}"
+            f"{fileio.join(run.workdir, metrics_lib.CURVES_FILE)}"
         )
     return {"step": step, "complete": True, **figures, **run.meta}
 

@@ -1,0 +1,58 @@
+"""Workdir files on URLs (TPU pods write to gs://): exercised on TensorFlow's in-memory ram://."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vgg_jax import checkpoints, fileio
+from vgg_jax import metrics as metrics_lib
+
+
+@pytest.fixture
+def url_dir(tmp_path):
+    # A fresh in-memory directory per test (tmp_path's name keeps them apart).
+    path = f"ram://{tmp_path.name}/run"
+    fileio.makedirs(path)
+    return path
+
+
+def test_absolute_leaves_urls_alone(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert fileio.absolute("gs://bucket/runs/a") == "gs://bucket/runs/a"
+    assert fileio.absolute("runs/a") == str(tmp_path / "runs" / "a")
+    assert fileio.join("gs://bucket", "runs", "a") == "gs://bucket/runs/a"
+    assert fileio.basename("gs://bucket/runs/a/") == "a"
+
+
+@pytest.mark.parametrize("where", ["local", "url"])
+def test_atomic_write_append_and_read(where, tmp_path, url_dir):
+    root = str(tmp_path) if where == "local" else url_dir
+    path = fileio.join(root, "notes.txt")
+    assert not fileio.exists(path)
+    fileio.write_text_atomic(path, "one\n")
+    fileio.append_text(path, "two\n")
+    fileio.append_text(path, "three\n")
+    assert fileio.read_text(path) == "one\ntwo\nthree\n"
+    assert fileio.isfile(path) and not fileio.isdir(path) and fileio.isdir(root)
+    assert not fileio.exists(path + ".tmp")
+
+
+def test_metrics_curves_and_run_config_on_a_url(url_dir):
+    writer = metrics_lib.MetricsWriter(url_dir, tensorboard=False)
+    for step, epoch, loss, acc in [(10, 0.5, 2.0, 0.3), (20, 1.0, 1.5, 0.5), (40, 2.0, 1.0, 0.7)]:
+        writer.write(step, epoch, {"train_loss": loss, "train_accuracy": acc})
+    writer.write(20, 1.0, {"eval_top1_accuracy": 0.6})
+    writer.close()
+    records = metrics_lib.read_metrics(url_dir)
+    assert [r["step"] for r in records] == [10, 20, 40, 20]
+    png = metrics_lib.plot_curves(url_dir)
+    assert png == fileio.join(url_dir, metrics_lib.CURVES_FILE)
+    assert np.asarray(Image.open(io.BytesIO(fileio.read_bytes(png)))).shape[:2] == (480, 720)
+
+    fileio.write_text_atomic(fileio.join(url_dir, checkpoints.CONFIG_FILE), json.dumps({"a": 1}))
+    assert checkpoints.read_run_config(url_dir) == {"a": 1}

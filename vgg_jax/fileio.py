@@ -1,0 +1,97 @@
+"""The few file operations a workdir needs, for local paths and URLs alike.
+
+TPU pods write their workdir to `gs://...`, where `os.path.abspath` and
+`open` do not reach. Local paths go through `os` (fast, no TensorFlow
+import); anything with a scheme (`gs://`, `s3://`, `ram://` in tests) goes
+through `tf.io.gfile`. Orbax takes both kinds of path as strings itself.
+"""
+
+import os
+from typing import Any
+
+
+def is_url(path: str | os.PathLike) -> bool:
+    return "://" in os.fspath(path)
+
+
+def _gfile() -> Any:
+    import tensorflow as tf
+
+    return tf.io.gfile
+
+
+def absolute(path: str | os.PathLike) -> str:
+    """The absolute form of a local path; a URL unchanged."""
+    path = os.fspath(path)
+    return path if is_url(path) else os.path.abspath(path)
+
+
+def join(path: str | os.PathLike, *names: str) -> str:
+    return os.path.join(os.fspath(path), *names)  # '/'-joins URLs too
+
+
+def basename(path: str | os.PathLike) -> str:
+    return os.path.basename(os.fspath(path).rstrip("/"))
+
+
+def exists(path: str | os.PathLike) -> bool:
+    return _gfile().exists(os.fspath(path)) if is_url(path) else os.path.exists(path)
+
+
+def isfile(path: str | os.PathLike) -> bool:
+    if is_url(path):
+        gfile = _gfile()
+        return gfile.exists(os.fspath(path)) and not gfile.isdir(os.fspath(path))
+    return os.path.isfile(path)
+
+
+def isdir(path: str | os.PathLike) -> bool:
+    return _gfile().isdir(os.fspath(path)) if is_url(path) else os.path.isdir(path)
+
+
+def makedirs(path: str | os.PathLike) -> None:
+    if is_url(path):
+        _gfile().makedirs(os.fspath(path))
+    else:
+        os.makedirs(path, exist_ok=True)
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+    if is_url(path):
+        with _gfile().GFile(os.fspath(path), "rb") as f:
+            return f.read()
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def read_text(path: str | os.PathLike) -> str:
+    return read_bytes(path).decode("utf-8")
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Writes to a temporary name, then renames: readers never see half a file."""
+    path = os.fspath(path)
+    tmp = path + ".tmp"
+    if is_url(path):
+        gfile = _gfile()
+        with gfile.GFile(tmp, "wb") as f:
+            f.write(data)
+        gfile.rename(tmp, path, overwrite=True)
+    else:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def append_text(path: str | os.PathLike, text: str) -> None:
+    """Appends to a text file. Object stores cannot append, so a URL is rewritten whole."""
+    if is_url(path):
+        old = read_bytes(path) if exists(path) else b""
+        write_bytes_atomic(path, old + text.encode("utf-8"))
+    else:
+        with open(path, "a") as f:
+            f.write(text)
