@@ -60,6 +60,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.plateau_max_reductions = 3
     c.step_epochs = 3
     c.step_factor = 0.1
+    c.warmup_epochs = 0.0  # linear warm-up before the schedule; the paper has none
 
     # Initialisation from another run: a checkpoint path or workdir.
     c.init_from = ""

@@ -8,6 +8,7 @@ metrics.jsonl, a decodable curves.png, and a loadable best model.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 
 import pytest
@@ -50,3 +51,23 @@ def test_quick_variant_trains_on_real_fashion_mnist(tmp_path):
     bundle = checkpoints.load_workdir(str(tmp_path), "best")
     assert bundle.num_classes == 10 and bundle.image_size == 32
     assert bundle.preprocessing.value_range == 1.0
+
+
+def test_seed_compare_runs_both_implementations(tmp_path, capsys):
+    import sys
+
+    root = os.path.dirname(CONFIGS)
+    if root not in sys.path:  # the benchmarks package lives beside vgg_jax
+        sys.path.insert(0, root)
+    from benchmarks import seed_compare
+
+    out = tmp_path / "compare.jsonl"
+    argv = ["--epochs", "1", "--limit-steps", "10", "--no-channels-last", "--output", str(out)]
+    rows = seed_compare.main(argv)
+    assert [r["impl"] for r in rows] == ["vgg_jax", "seed_pytorch"]
+    assert rows[0]["steps"] == 10
+    for r in rows:
+        assert r["images_per_s"] > 0 and 0.0 <= r["test_acc"] <= 1.0
+    assert "| vgg_jax |" in capsys.readouterr().out
+    record = json.loads(out.read_text())
+    assert record["resolution"] == 32 and len(record["rows"]) == 2

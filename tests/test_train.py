@@ -181,6 +181,18 @@ def test_step_schedule_multiplies_every_n_epochs():
     assert float(lr(60)) == pytest.approx(0.0081)
 
 
+def test_warmup_rises_linearly_then_hands_over_to_the_schedule():
+    config = fake_data.tiny_config(
+        schedule="cosine", learning_rate=0.04, warmup_epochs=0.5, num_epochs=3, max_steps=0
+    )
+    lr = train.learning_rate_fn(config, steps_per_epoch=20)  # 10 warm-up steps, 50 cosine
+    assert float(lr(0)) == 0.0
+    assert float(lr(5)) == pytest.approx(0.02)
+    assert float(lr(10)) == pytest.approx(0.04)
+    assert float(lr(35)) == pytest.approx(0.02, rel=1e-4)  # half-way through the cosine
+    assert float(lr(60)) == pytest.approx(0.0, abs=1e-9)
+
+
 # ---------------------------------------------------------------------------
 # Initialisation from other runs.
 

@@ -76,10 +76,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from vgg_jax import checkpoints, fileio, layers, models
+from vgg_jax import checkpoints, fileio, layers, models, parallel
 
 Array = jax.Array
 Preprocess = Callable[[Array], Array]
@@ -197,10 +195,9 @@ class _Devices:
     def __init__(self, devices: Sequence[jax.Device] | None) -> None:
         devices = list(devices or jax.local_devices())
         self.count = len(devices)
-        # Auto axes: the layers reshape batch-sharded arrays, which explicit axes refuse.
-        self.mesh = jax.make_mesh((self.count,), ("data",), (AxisType.Auto,), devices=devices)
-        self.batch = NamedSharding(self.mesh, P("data"))
-        self.replicated = NamedSharding(self.mesh, P())
+        self.mesh = parallel.make_mesh(devices)
+        self.batch = parallel.batch_sharding(self.mesh)
+        self.replicated = parallel.replicated(self.mesh)
 
     def round_up(self, n: int) -> int:
         return -(-n // self.count) * self.count

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -84,7 +85,13 @@ def create_mesh(config: Any) -> Mesh:
             f"config.mesh_model_axis={model} does not divide the {len(devices)} devices; "
             "choose a divisor of the device count."
         )
+    return make_mesh(devices, model)
+
+
+def make_mesh(devices: Sequence[jax.Device], model: int = 1) -> Mesh:
+    """A ('data', 'model') mesh over `devices`, `model` of them along 'model'."""
     shape = (len(devices) // model, model)
+    # Auto axes: the layers reshape batch-sharded arrays, which explicit axes refuse.
     return jax.make_mesh(shape, (DATA, MODEL), (AxisType.Auto,) * 2, devices=devices)
 
 

@@ -137,13 +137,21 @@ def create_model(config: ml_collections.ConfigDict) -> models.VGG:
 def learning_rate_fn(config: ml_collections.ConfigDict, steps_per_epoch: int) -> Callable:
     """Base learning rate per step (the plateau schedule scales it further, in the state)."""
     lr = float(config.learning_rate)
+    # Linear warm-up from 0 over the first warmup_epochs; the schedule proper starts after it.
+    warmup = round(float(config.get("warmup_epochs", 0.0)) * steps_per_epoch)
     if config.schedule == "step":
-        return optax.exponential_decay(
+        base = optax.exponential_decay(
             lr, config.step_epochs * steps_per_epoch, config.step_factor, staircase=True
         )
-    if config.schedule == "cosine":
-        return optax.cosine_decay_schedule(lr, max(total_steps(config, steps_per_epoch), 1))
-    return optax.constant_schedule(lr)
+    elif config.schedule == "cosine":
+        base = optax.cosine_decay_schedule(
+            lr, max(total_steps(config, steps_per_epoch) - warmup, 1)
+        )
+    else:
+        base = optax.constant_schedule(lr)
+    if warmup <= 0:
+        return base
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), base], [warmup])
 
 
 def weight_decay_mask(params: Any, decay_biases: bool) -> Any:
