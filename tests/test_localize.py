@@ -197,6 +197,8 @@ def test_tfds_localization_source_on_mock_voc():
     assert data.images[0].ndim == 3 and data.images[0].max() <= 1.0
     assert data.boxes[0].ndim == 2 and data.boxes[0].shape[1] == 4  # mock lengths are random
     assert data.labels[0].dtype == np.int32 and data.labels[0].max() < 20
+    crops, targets, _ = ldata.central_crops(data, 40, 32)  # the training view of real images
+    assert crops.shape[1:3] == (32, 32) and targets.shape == (len(crops), 4)
     with tfds.testing.mock_data(num_examples=2), pytest.raises(ValueError, match="objects"):
         ldata.tfds_localization_set("mnist", "train")
 

@@ -182,6 +182,13 @@ def tfds_localization_set(
     return LocalizationSet(images, box_list, label_list, names or tuple(map(str, range(num))))
 
 
+def tfds_num_examples(name: str, split: str, data_dir: str = "") -> int:
+    """Examples in a split of a prepared tfds dataset (from its metadata, nothing read)."""
+    import tensorflow_datasets as tfds
+
+    return int(tfds.builder(name, data_dir=data_dir or None).info.splits[split].num_examples)
+
+
 # ---------------------------------------------------------------------------
 # The paper's training view: fixed S, central crops, one target per image.
 
@@ -207,16 +214,21 @@ def central_crops(
     """(N, size, size, C) crops, (N, 4) (cx, cy, w, h) targets in crop frames, (N,) labels.
 
     The target is the object whose box keeps the largest area inside the crop
-    (the whole box is encoded, also where it extends beyond the crop).
+    (the whole box is encoded, also where it extends beyond the crop). Images
+    without boxes are left out.
     """
     if scale < size:
         raise ValueError(f"Training scale S={scale} is smaller than the crop {size}; need S >= it.")
     crops, targets, labels = [], [], []
     for image, bxs, lbls in zip(data.images, data.boxes, data.labels, strict=True):
+        if not len(bxs):
+            continue
         crop, (top, left, height, width, rh, rw) = central_crop(image, scale, size)
         in_crop = boxes.image_to_crop(bxs, (top, left, height, width), (rh, rw))
         best = int(np.argmax(boxes.area(boxes.clip(in_crop))))
         crops.append(crop)
         targets.append(boxes.encode(in_crop[best]))
         labels.append(lbls[best])
+    if not crops:
+        raise ValueError("No image of the set has a box; localisation needs labelled boxes.")
     return np.stack(crops), np.stack(targets), np.asarray(labels, np.int32)

@@ -213,11 +213,8 @@ def steps_per_epoch(config) -> int:
     if config.dataset == CANVAS_DATASET:
         size = int(loc.epoch_size)
     else:
-        size = (
-            int(loc.limit)
-            or ldata.tfds_localization_set(
-                config.dataset, config.train_split, config.data_dir
-            ).__len__()
+        size = int(loc.limit) or ldata.tfds_num_examples(
+            config.dataset, config.train_split, config.data_dir
         )
     steps = size // config.batch_size
     if steps < 1:
