@@ -282,3 +282,21 @@ def test_dense_protocol_and_cli_draw_a_png(trained, tmp_path, capsys):
     assert printed.count("box (ymin, xmin, ymax, xmax)") == 2 and "wrote" in printed
     with pytest.raises(SystemExit, match="not a localisation net"):
         localize.main(["localize", str(image), "--workdir", str(root / "cls")])
+
+
+def test_every_config_variant_validates_and_bad_fields_are_named():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("loc_cfg", CONFIG)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for variant in module.VARIANTS:
+        localize.validate_config(localize.load_config(f"{CONFIG}:{variant}"))
+    config = localize.load_config(CONFIG)
+    config.localization.head = "per-class"
+    with pytest.raises(ValueError, match="localization.head"):
+        localize.validate_config(config)
+    config = localize.load_config(CONFIG + ":fc")
+    config.init_from = ""
+    with pytest.raises(ValueError, match="init_from"):
+        localize.validate_config(config)
