@@ -54,7 +54,8 @@ INIT_MODES = ("same", "paper_a")
 # Net A's layers that the paper copies into deeper nets (its first four convs and the FC head).
 PAPER_A_LAYERS = ("conv1_1", "conv2_1", "conv3_1", "conv3_2", "fc6", "fc7", "fc8")
 # Fields a config may carry beyond configs/default.py (read with config.get by other modules).
-EXTRA_FIELDS = ("channel_order", "decode_crop", "description")
+# "localization": the box-regression settings of vgg_jax.localize (configs/localize_*.py).
+EXTRA_FIELDS = ("channel_order", "decode_crop", "description", "localization")
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "default.py")
 
 
@@ -237,8 +238,9 @@ def transfer_params(target: Any, source: Any, mode: str, say: Callable[[str], No
         names = [n for n in names if n in PAPER_A_LAYERS]
     copied = []
     for name in names:
-        src = src_feat.get(name) if name.startswith("conv") else source.get(name)
-        dst = dst_feat[name] if name.startswith("conv") else target[name]
+        # Every layer under `features` (conv and BN), not only the conv ones.
+        src = src_feat.get(name) if name in dst_feat else source.get(name)
+        dst = dst_feat[name] if name in dst_feat else target[name]
         if src is None:
             raise ValueError(f"init_from has no parameter {name!r}; it is not a compatible net.")
         for leaf in dst:
@@ -260,6 +262,21 @@ def transfer_params(target: Any, source: Any, mode: str, say: Callable[[str], No
                 dst[leaf] = jnp.asarray(src[leaf], dst[leaf].dtype)
             copied.append(name)
     say(f"init_from ({mode}): copied {', '.join(copied)}.")
+    return target
+
+
+def transfer_batch_stats(target: Any, source: Any) -> Any:
+    """BN running statistics from `source` where a layer of the same shape exists there.
+
+    Without them a fine-tuned BN net would start from mean 0 / variance 1 and evaluate
+    wrongly until its statistics caught up.
+    """
+    target = flax.core.unfreeze(target)
+    src_feat = (source or {}).get("features", {})
+    for name, stats in target.get("features", {}).items():
+        src = src_feat.get(name)
+        if src is not None and all(np.shape(src.get(k)) == np.shape(v) for k, v in stats.items()):
+            target["features"][name] = {k: jnp.asarray(src[k], v.dtype) for k, v in stats.items()}
     return target
 
 
@@ -663,6 +680,11 @@ def _initial_state(run: _Run, shapes: Any, channels: int) -> TrainState:
         state = state.replace(
             params=params, opt_state=jax.device_put(tx.init(params), run.state_sharding.opt_state)
         )
+        if state.batch_stats:
+            stats = transfer_batch_stats(
+                to_host(state.batch_stats), source.variables.get("batch_stats", {})
+            )
+            state = state.replace(batch_stats=jax.device_put(stats, run.state_sharding.batch_stats))
     return state
 
 
