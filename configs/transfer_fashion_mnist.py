@@ -67,7 +67,7 @@ def source_config(variant: str) -> ml_collections.ConfigDict:
     if variant == "tiny":
         c.width_divisor = 16
         c.fc_width = 128
-        c.train_split = "train[:8000]"
+        c.train_split = "train[:5000]"
         c.eval_split = "test[:1000]"
         c.batch_size = 64
         c.eval_batch_size = 512
