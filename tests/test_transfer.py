@@ -90,6 +90,10 @@ def test_class_subset_source_relabels_in_the_given_order():
     assert source.num_classes == 2 and sum(source.shard_sizes(split, 2)) == len(want)
     with pytest.raises(ValueError, match="outside"):
         data_sources.create_source("fashion_mnist", classes=(3, 10))
+    with pytest.raises(ValueError, match="no 'labels' sequence"):
+        transfer.load_multilabel_split(
+            "fashion_mnist", "test"
+        )  # single-label data for --metric map
 
 
 @needs_fashion_mnist

@@ -140,7 +140,8 @@ def load_multilabel_split(
     import tensorflow_datasets as tfds
 
     builder = tfds.builder(dataset, data_dir=data_dir or None)
-    feature = builder.info.features.get("labels") if builder.info.features else None
+    features_dict = builder.info.features
+    feature = features_dict["labels"] if features_dict and "labels" in features_dict else None
     num_classes = getattr(getattr(feature, "feature", None), "num_classes", None)
     if num_classes is None:
         raise ValueError(
@@ -249,7 +250,9 @@ def fuse(*descriptors: np.ndarray) -> np.ndarray:
 def pixel_descriptors(images: np.ndarray | list[np.ndarray]) -> np.ndarray:
     """The baseline: raw pixels flattened and L2-normalised (same-sized images only)."""
     if not isinstance(images, np.ndarray):
-        raise ValueError("The raw-pixel baseline needs images of one size.")
+        raise ValueError(
+            "The raw-pixel baseline needs images of one size; these differ. Drop --pixels."
+        )
     flat = images.reshape(len(images), -1).astype(np.float32)
     return flat / np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-12)
 
