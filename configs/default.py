@@ -41,6 +41,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.resize_method = "bilinear"
     c.shuffle_buffer = 16_384
     c.cache = False
+    # Only these labels of the dataset, relabelled 0..k-1 in this order (set num_classes = k);
+    # () keeps every class.
+    c.classes = ()
 
     # Optimisation.
     c.batch_size = 256  # global, whatever the number of devices

@@ -14,6 +14,10 @@ Sources:
   Debian's `dataset-fashion-mnist` package or of a directory the user names;
 - `image_folder`: `<data_dir>/<split>/<class>/<image>` with JPEG/PNG/BMP/GIF
   files; class indices follow the sorted class names of the training split.
+
+`create_source(..., classes=(c0, c1, ...))` keeps only those classes of any
+source and relabels them 0..k-1 in the order given (`ClassSubsetSource`), e.g.
+to train on five Fashion-MNIST classes and transfer to the other five.
 """
 
 from __future__ import annotations
@@ -363,14 +367,65 @@ class ImageFolderSource(Source):
         )
 
 
+class ClassSubsetSource(Source):
+    """Another source's examples of a few classes, relabelled 0..k-1 in the order given."""
+
+    def __init__(self, base: Source, classes: Sequence[int]):
+        classes = tuple(int(c) for c in classes)
+        if len(set(classes)) != len(classes) or any(c < 0 for c in classes):
+            raise ValueError(f"classes must be distinct non-negative labels, got {classes}.")
+        if base.num_classes is not None and max(classes) >= base.num_classes:
+            raise ValueError(
+                f"classes {classes} name labels outside {base.name!r}'s 0..{base.num_classes - 1}."
+            )
+        super().__init__(name=base.name, channels=base.channels, num_classes=len(classes))
+        self.base, self.classes = base, classes
+        self._sizes: dict[tuple[str, int], list[int]] = {}
+
+    def _keep(self, records: tf.data.Dataset) -> tf.data.Dataset:
+        kept = tf.constant(self.classes, tf.int64)
+        # Label c -> its position in `classes`; every other label is filtered out first.
+        table = np.zeros(max(self.classes) + 1, np.int64)
+        table[list(self.classes)] = np.arange(len(self.classes))
+        table = tf.constant(table)
+        records = records.filter(lambda ex: tf.reduce_any(tf.equal(ex["label"], kept)))
+        return records.map(lambda ex: {**ex, "label": tf.gather(table, ex["label"])})
+
+    def shard_sizes(self, split: str, count: int) -> list[int]:
+        # Counting the kept records of each share reads labels only (images stay encoded).
+        if (split, count) not in self._sizes:
+            self._sizes[split, count] = [
+                int(self._keep(self.base.records(split, i, count, None, 0)).reduce(0, _count))
+                for i in range(count)
+            ]
+        return self._sizes[split, count]
+
+    def num_examples(self, split: str) -> int:
+        return sum(self.shard_sizes(split, 1))
+
+    def records(self, split, index, count, shuffle_seed, shuffle_buffer):
+        return self._keep(self.base.records(split, index, count, shuffle_seed, shuffle_buffer))
+
+
+def _count(n, _):
+    return n + 1
+
+
 def _deterministic_options() -> tf.data.Options:
     options = tf.data.Options()
     options.deterministic = True
     return options
 
 
-def create_source(dataset: str, data_dir: str = "", manual_dir: str = "") -> Source:
-    """The source named by config.dataset."""
+def create_source(
+    dataset: str, data_dir: str = "", manual_dir: str = "", classes: Sequence[int] = ()
+) -> Source:
+    """The source named by config.dataset; only `classes` (relabelled 0..k-1) when given."""
+    source = _create_source(dataset, data_dir, manual_dir)
+    return ClassSubsetSource(source, classes) if classes else source
+
+
+def _create_source(dataset: str, data_dir: str, manual_dir: str) -> Source:
     if dataset == "image_folder":
         return ImageFolderSource(data_dir)
     if dataset == "fashion_mnist":
@@ -396,6 +451,8 @@ def create_source(dataset: str, data_dir: str = "", manual_dir: str = "") -> Sou
 
 def split_names(source: Source) -> Sequence[str]:
     """Split names a source knows (for error messages)."""
+    if isinstance(source, ClassSubsetSource):
+        return split_names(source.base)
     if isinstance(source, TfdsSource):
         return sorted(source.builder.info.splits.keys())
     return sorted(os.listdir(source.root))

@@ -139,6 +139,7 @@ def image_descriptor(
     flip: bool = True,
     combine: str = "mean",
     layer: str = "fc7",
+    batch_size: int = 256,
 ) -> Array:
     """The paper's Appendix B descriptor: (N, D), unit L2 norm per row.
 
@@ -148,6 +149,10 @@ def image_descriptor(
     positions and over the image and its horizontal flip; the scales are then
     averaged (`combine='mean'`, D = 4096) or concatenated ('stack', D = 4096 *
     len(scales)); finally L2-normalised.
+
+    A 4-D array (N, H, W, C) of same-sized images runs `batch_size` images per
+    network call (the same numbers as one at a time, much faster); a list runs
+    image by image.
     """
     if combine not in ("mean", "stack"):
         raise ValueError(f"combine must be 'mean' or 'stack', got {combine!r}.")
@@ -160,16 +165,37 @@ def image_descriptor(
         )
     if isinstance(images, (np.ndarray, jax.Array)) and jnp.ndim(images) == 3:
         images = [images]
-    rows = []
-    for image in images:
-        per_scale = []
-        for q in scales:
-            x = resize_smallest_side(image, q)[None]
-            batch = jnp.concatenate([x, x[:, :, ::-1]]) if flip else x
-            maps = features(network, variables, batch, (layer,))[layer]
-            per_scale.append(jnp.mean(maps, axis=(0, 1, 2)))  # positions and flips
-        vec = jnp.mean(jnp.stack(per_scale), 0) if combine == "mean" else jnp.concatenate(per_scale)
-        rows.append(vec)
-    desc = jnp.stack(rows)
+    if isinstance(images, (np.ndarray, jax.Array)) and jnp.ndim(images) == 4:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}.")
+        groups = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
+    else:
+        groups = [jnp.asarray(image)[None] for image in images]
+    rows = [_descriptor_rows(network, variables, g, scales, flip, combine, layer) for g in groups]
+    desc = jnp.concatenate(rows)
     norm = jnp.linalg.norm(desc, axis=-1, keepdims=True)
     return desc / jnp.maximum(norm, 1e-12)
+
+
+def _descriptor_rows(
+    network: ModelBundle | models.VGG,
+    variables: Mapping[str, Any] | None,
+    batch: Array | np.ndarray,
+    scales: Sequence[int],
+    flip: bool,
+    combine: str,
+    layer: str,
+) -> Array:
+    """Unnormalised descriptors (n, D) of n same-sized images (n, H, W, C)."""
+    n = batch.shape[0]
+    per_scale = []
+    for q in scales:
+        x = jax.vmap(lambda image, q=q: resize_smallest_side(image, q))(jnp.asarray(batch))
+        x = jnp.concatenate([x, x[:, :, ::-1]]) if flip else x
+        maps = features(network, variables, x, (layer,))[layer]
+        pooled = jnp.mean(maps, axis=(1, 2))  # over positions
+        pooled = (pooled[:n] + pooled[n:]) / 2 if flip else pooled  # over the flip pair
+        per_scale.append(pooled)
+    if combine == "mean":
+        return jnp.mean(jnp.stack(per_scale), 0)
+    return jnp.concatenate(per_scale, -1)

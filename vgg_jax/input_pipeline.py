@@ -82,13 +82,16 @@ Batch = dict[str, np.ndarray]
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_source(dataset: str, data_dir: str, manual_dir: str) -> data_sources.Source:
-    return data_sources.create_source(dataset, data_dir, manual_dir)
+def _cached_source(
+    dataset: str, data_dir: str, manual_dir: str, classes: tuple[int, ...] = ()
+) -> data_sources.Source:
+    return data_sources.create_source(dataset, data_dir, manual_dir, classes)
 
 
 def get_source(config) -> data_sources.Source:
-    """The (cached) source of config.dataset."""
-    return _cached_source(config.dataset, config.data_dir, config.get("manual_dir", ""))
+    """The (cached) source of config.dataset, restricted to config.classes when set."""
+    classes = tuple(int(c) for c in config.get("classes", ()) or ())
+    return _cached_source(config.dataset, config.data_dir, config.get("manual_dir", ""), classes)
 
 
 def _processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:

@@ -471,8 +471,13 @@ def _restore(run: _Run, step: int, shapes: Any) -> tuple[TrainState, dict[str, A
     """The state saved at `step`, checked against the model first (naming a mismatch)."""
     source = fileio.join(run.workdir, checkpoints.STATE_DIR, str(step))
     saved = run.manager.item_metadata(step)["state"]
-    saved_params = checkpoints.abstract_from_metadata(dict(saved["params"]))
-    checkpoints.check_variables(run.model, {"params": saved_params}, channels=None, source=source)
+    # batch_stats too: a BN model's expected variables include them (params alone never match).
+    saved_vars = {
+        k: checkpoints.abstract_from_metadata(dict(saved[k]))
+        for k in ("params", "batch_stats")
+        if saved.get(k)
+    }
+    checkpoints.check_variables(run.model, saved_vars, channels=None, source=source)
     target = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
         shapes,

@@ -1,0 +1,133 @@
+"""Transfer with the Appendix B descriptor: class subsets, SVM protocols, the offline experiment."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from weights_util import random_variables
+
+from vgg_jax import checkpoints, data_sources, features, models, train, transfer
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+needs_fashion_mnist = pytest.mark.skipif(
+    data_sources.find_fashion_mnist_dir() is None,
+    reason="Fashion-MNIST IDX files not installed (apt-get install dataset-fashion-mnist)",
+)
+
+
+def tiny_bundle() -> checkpoints.ModelBundle:
+    options = dict(num_classes=5, width_divisor=32, fc_width=16, image_size=32)
+    variables = random_variables(models.create_model("vgg11_bn", **options), seed=3)
+    return checkpoints.ModelBundle("vgg11_bn", options, variables)
+
+
+def test_mean_class_recall_and_map_on_known_answers():
+    labels = np.array([0, 0, 0, 0, 1, 1])
+    predicted = np.array([0, 0, 0, 1, 1, 0])
+    # Class 0: 3/4, class 1: 1/2 -> 0.625 (plain accuracy would be 4/6).
+    assert transfer.mean_class_recall(labels, predicted) == pytest.approx(0.625)
+    multi = np.array([[1, 0], [0, 1], [1, 1], [0, 0]])
+    # Class 0 ranks its positives 1st and 4th: AP = (1 + 2/4) / 2; class 1 ranks them 1st, 2nd.
+    scores = np.array([[0.9, 0.1], [0.5, 0.8], [0.2, 0.9], [0.4, 0.0]])
+    assert transfer.mean_average_precision(multi, scores) == pytest.approx((0.75 + 1) / 2)
+
+
+def test_svm_protocols_on_separable_and_noisy_features():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 20))
+    labels = np.repeat(np.arange(3), 40)
+    x = centres[labels] + 0.3 * rng.normal(size=(120, 20))
+    test_labels = np.repeat(np.arange(3), 30)
+    test_x = centres[test_labels] + 0.3 * rng.normal(size=(90, 20))
+    good = transfer.caltech_protocol(x, labels, test_x, test_labels, 10, splits=3)
+    assert good.mean > 0.95 and len(good.scores) == 3
+    assert set(good.chosen_c) <= set(transfer.DEFAULT_C_GRID)
+    noise = transfer.caltech_protocol(
+        rng.normal(size=x.shape), labels, test_x, test_labels, 10, splits=3
+    )
+    assert noise.mean < 0.6  # chance is 1/3: the metric can fail
+    with pytest.raises(ValueError, match="fewer than 50 training images"):
+        transfer.caltech_protocol(x, labels, test_x, test_labels, 50)
+    # Multi-label: class k present where feature k is high.
+    multi = (x[:, :3] > 0).astype(int)
+    result = transfer.voc_protocol(x, multi, test_x, (test_x[:, :3] > 0).astype(int))
+    assert result.mean > 0.9
+
+
+def test_describe_batches_mixed_sizes_like_one_at_a_time_and_fuses():
+    bundle = tiny_bundle()
+    rng = np.random.default_rng(1)
+    images = [rng.uniform(size=s).astype(np.float32) for s in [(30, 40, 3), (28, 28, 3)] * 2]
+    scales = (32,)  # batch_size 1 below: every call has the shapes of the one-at-a-time path
+    got = transfer.describe(bundle, images, scales, batch_size=1)
+    want = np.asarray(features.image_descriptor(bundle, None, images, scales))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    same = np.stack([images[1], images[3]])  # one array: the batched path of image_descriptor
+    np.testing.assert_allclose(
+        np.asarray(features.image_descriptor(bundle, None, same, scales, batch_size=1)),
+        want[[1, 3]],
+        rtol=1e-4,
+        atol=1e-6,
+    )
+    fused = transfer.fuse(got, got[:, :4])
+    assert fused.shape == (4, got.shape[1] + 4)
+    np.testing.assert_allclose(np.linalg.norm(fused, axis=1), 1.0, rtol=1e-5)
+    with pytest.raises(ValueError, match="3-channel images but the data have \\[1\\]"):
+        transfer.describe(bundle, np.zeros((2, 32, 32, 1), np.float32), scales)
+
+
+@needs_fashion_mnist
+def test_class_subset_source_relabels_in_the_given_order():
+    source = data_sources.create_source("fashion_mnist", classes=(9, 5))
+    split = "test[:300]"
+    labels = [int(ex["label"]) for ex in source.records(split, 0, 1, None, 0).as_numpy_iterator()]
+    raw = data_sources.create_source("fashion_mnist").records(split, 0, 1, None, 0)
+    raw_labels = [int(ex["label"]) for ex in raw.as_numpy_iterator()]
+    want = [{9: 0, 5: 1}[c] for c in raw_labels if c in (5, 9)]
+    assert labels == want and source.num_examples(split) == len(want) > 0
+    assert source.num_classes == 2 and sum(source.shard_sizes(split, 2)) == len(want)
+    with pytest.raises(ValueError, match="outside"):
+        data_sources.create_source("fashion_mnist", classes=(3, 10))
+    with pytest.raises(ValueError, match="no 'labels' sequence"):
+        transfer.load_multilabel_split(
+            "fashion_mnist", "test"
+        )  # single-label data for --metric map
+
+
+@needs_fashion_mnist
+def test_tiny_experiment_end_to_end(tmp_path, capsys):
+    config = transfer.load_experiment_config(
+        os.path.join(CONFIGS, "transfer_fashion_mnist.py:tiny")
+    )
+    stamps = []
+    out = transfer.run_experiment(config, str(tmp_path), log=lambda line: stamps.append(line))
+    assert (tmp_path / "transfer.json").is_file()
+    assert any(line.startswith("  descriptors ") for line in stamps)  # progress is reported
+    assert out["source_accuracy"] > 0.4  # five source classes: chance is 0.2 (measured 0.53)
+    # Rerunning reuses the finished source run (resuming a batch-norm run's checkpoint).
+    assert train.train_and_evaluate(config.source, str(tmp_path))["complete"]
+    desc, pixels = out["results"]["descriptor"][0], out["results"]["pixels"][0]
+    assert desc["train_per_class"] == pixels["train_per_class"] == 10
+    assert len(desc["splits"]) == config.transfer.splits
+    for row in (desc, pixels):
+        assert 0.3 < row["mean"] <= 1.0  # five target classes: chance is 0.2
+    # The CLI on the trained source network (a workdir), a slice of the data.
+    data = "--dataset fashion_mnist --classes 5,6,7,8,9 --train-split train[:1000] --test-split"
+    argv = [*data.split(), "test[:200]", "--weights", str(tmp_path), "--scales", "32"]
+    argv += "--pool-per-class 8 --train-per-class 5 --splits 2 --c-grid 1".split()
+    cli = transfer.main(argv)
+    assert cli["results"]["descriptor"][0]["train_per_class"] == 5
+    assert "| descriptor | 5 | mean class recall |" in capsys.readouterr().out
+
+
+def test_experiment_config_variants_are_valid_training_configs():
+    for variant in ("default", "tiny"):
+        path = os.path.join(CONFIGS, f"transfer_fashion_mnist.py:{variant}")
+        config = transfer.load_experiment_config(path)
+        train.validate_config(config.source)
+        assert not set(config.source.classes) & set(config.transfer.target_classes)
+        assert config.source.num_classes == len(config.source.classes)
+    with pytest.raises(ValueError, match="Unknown variant"):
+        transfer.load_experiment_config(os.path.join(CONFIGS, "transfer_fashion_mnist.py:big"))
