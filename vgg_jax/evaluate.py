@@ -1042,8 +1042,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(format_table(results, f"{names} on {config.dataset}/{split}"))
         print(f"compiled shapes (dense): {protocols.compiled_shapes}")
         if args.output:
-            with open(args.output, "w") as f:
-                json.dump(summary, f, indent=2)
+            fileio.write_text_atomic(args.output, json.dumps(summary, indent=2))  # gs:// too
     return summary
 
 

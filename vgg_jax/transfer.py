@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from vgg_jax import checkpoints, features
+from vgg_jax import checkpoints, features, fileio
 
 Log = Callable[[str], None]
 # LinearSVC regularisation values tried on the held-out 20% (the paper does not list its grid).
@@ -693,8 +693,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "results": results,
     }
     if args.output:
-        with open(args.output, "w") as f:
-            json.dump(out, f, indent=2)
+        fileio.write_text_atomic(args.output, json.dumps(out, indent=2))  # gs:// too
     return out
 
 
