@@ -857,19 +857,14 @@ def _base_config(args: argparse.Namespace) -> Any:
 
     if args.workdir and fileio.isfile(fileio.join(args.workdir, checkpoints.CONFIG_FILE)):
         return ml_collections.ConfigDict(checkpoints.read_run_config(args.workdir))
-    path = args.config or os.path.join(os.path.dirname(__file__), "..", "configs", "default.py")
-    path, _, variant = path.partition(":")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"Config file {path} not found; pass --config configs/<experiment>.py (the data "
-            "settings of the run) or --workdir of a training run."
-        )
-    import importlib.util
+    from vgg_jax import train
 
-    spec = importlib.util.spec_from_file_location("_vgg_jax_eval_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # a config file is code the user chose to run
-    return module.get_config(variant) if variant else module.get_config()
+    path = args.config or os.path.join(os.path.dirname(__file__), "..", "configs", "default.py")
+    return train.load_config_file(
+        path,
+        "; pass --config configs/<experiment>.py (the data settings of the run) or --workdir "
+        "of a training run",
+    )
 
 
 def load_network(path: str, which: str = "best") -> tuple[Member, checkpoints.ModelBundle]:

@@ -139,15 +139,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 def load_config(path: str) -> ml_collections.ConfigDict:
     """A config file FILE.py[:variant] (its get_config)."""
-    import importlib.util
-
-    path, _, variant = path.partition(":")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"Config file {path} not found.")
-    spec = importlib.util.spec_from_file_location("_vgg_jax_localize_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # a config file is code the user chose to run
-    return module.get_config(variant) if variant else module.get_config()
+    return train.load_config_file(path)
 
 
 # ---------------------------------------------------------------------------

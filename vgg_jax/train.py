@@ -74,14 +74,26 @@ class TrainState:
 # Configuration checks.
 
 
-def default_config() -> ml_collections.ConfigDict:
-    """configs/default.py's get_config(): the list of valid fields."""
+def load_config_file(path: str, hint: str = "") -> ml_collections.ConfigDict:
+    """get_config([variant]) of a config file given as FILE.py[:variant].
+
+    A missing file raises FileNotFoundError; `hint` ends its message (what to pass instead).
+    """
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("vgg_jax_default_config", DEFAULT_CONFIG)
+    path, _, variant = path.partition(":")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Config file {path} not found{hint}.")
+    name = "_vgg_jax_config_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    spec.loader.exec_module(module)  # a config file is code the user chose to run
+    return module.get_config(variant) if variant else module.get_config()
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """configs/default.py's get_config(): the list of valid fields."""
+    return load_config_file(DEFAULT_CONFIG)
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:

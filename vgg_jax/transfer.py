@@ -620,19 +620,13 @@ def _floats(text: str, flag: str) -> tuple[float, ...]:
 
 
 def load_experiment_config(path: str) -> Any:
-    """get_config(variant) of a config FILE[:variant] (a file the user chose to run)."""
-    import importlib.util
-    import os
+    """get_config(variant) of a config FILE[:variant]; a missing file ends the command."""
+    from vgg_jax import train
 
-    path, _, variant = path.partition(":")
-    if not os.path.isfile(path):
-        raise SystemExit(
-            f"Experiment config {path} not found (e.g. configs/transfer_fashion_mnist.py)."
-        )
-    spec = importlib.util.spec_from_file_location("_vgg_jax_transfer_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant) if variant else module.get_config()
+    try:
+        return train.load_config_file(path, " (e.g. configs/transfer_fashion_mnist.py)")
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
