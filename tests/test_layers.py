@@ -1,6 +1,9 @@
 """Each fast layer formulation equals the plain lax one in values and gradients."""
 
 import os
+import resource
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -66,6 +69,22 @@ def test_conv_matmul_matches_lax(hw, k, padding):
         np.testing.assert_allclose(a, b, **TOL)
 
 
+@pytest.mark.parametrize(
+    "cin,hw,k,padding",
+    [(1, (5, 6), 3, "SAME"), (3, (4, 4), 3, "SAME"), (1, (3, 3), 3, "VALID"),
+     (2, (4, 3), 2, "SAME"), (3, (2, 2), 1, "SAME")],
+)  # fmt: skip
+def test_conv_taps_matches_lax(cin, hw, k, padding):
+    keys = jax.random.split(jax.random.key(8), 2)
+    x = jax.random.normal(keys[0], (2, *hw, cin))
+    w = jax.random.normal(keys[1], (k, k, cin, 5)) * 0.3
+    y_lax, g_lax = grads(lambda a, b: layers.conv2d_lax(a, b, padding), x, w)
+    y_taps, g_taps = grads(lambda a, b: layers.conv2d_taps(a, b, padding), x, w)
+    np.testing.assert_allclose(y_taps, y_lax, **TOL)
+    for a, b in zip(g_taps, g_lax, strict=True):
+        np.testing.assert_allclose(a, b, **TOL)
+
+
 def test_conv_matmul_errors_name_the_problem():
     with pytest.raises(ValueError, match="channels"):
         layers.conv2d_matmul(jnp.ones((1, 2, 2, 3)), jnp.ones((3, 3, 4, 1)))
@@ -86,6 +105,13 @@ def test_dispatch_by_formulation_and_map_size():
     )
     assert "conv_general_dilated" in primitives(
         lambda a: layers.conv2d(a, w, formulation="lax"), small
+    )
+    grey, w1 = jnp.ones((1, 8, 8, 1)), jnp.ones((3, 3, 1, 4))
+    assert "conv_general_dilated" not in primitives(
+        lambda a: layers.conv2d(a, w1, formulation="fast"), grey
+    )
+    assert "conv_general_dilated" in primitives(
+        lambda a: layers.conv2d(a, w1, formulation="lax"), grey
     )
     assert "reduce_window_max" in primitives(
         lambda a: layers.max_pool_2x2(a, formulation="lax"), large
@@ -151,6 +177,15 @@ def test_bfloat16_keeps_dtype_and_matches():
     np.testing.assert_allclose(
         np.asarray(fast, np.float32), np.asarray(plain, np.float32), rtol=2e-2, atol=2e-2
     )
+    rgb, w3 = x[..., :3], w[:, :, :3]
+    taps = layers.conv2d_taps(rgb, w3)
+    assert taps.dtype == jnp.bfloat16
+    np.testing.assert_allclose(
+        np.asarray(taps, np.float32),
+        np.asarray(layers.conv2d_lax(rgb, w3), np.float32),
+        rtol=2e-2,
+        atol=2e-2,
+    )
     pooled = layers.max_pool_2x2_reshape(x)
     assert pooled.dtype == jnp.bfloat16
     np.testing.assert_array_equal(
@@ -163,3 +198,40 @@ def test_cpu_flag_skipped_when_an_accelerator_is_the_default(monkeypatch):
     assert not backend.cpu_flags_wanted({})
     known = backend._jaxlib_version() in backend.KNOWN_JAXLIB
     assert backend.cpu_flags_wanted({"JAX_PLATFORMS": "cpu"}) == known
+
+
+FAULTS_SCRIPT = """
+import resource, sys
+from vgg_jax import backend
+reused = backend.reuse_host_buffers()
+import jax, jax.numpy as jnp
+f = jax.jit(lambda a, g: a.T @ g)  # a fresh 64 MiB result every call
+a = jnp.ones((64, 4096))
+for _ in range(5):
+    f(a, a).block_until_ready()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    f(a, a).block_until_ready()
+print(reused, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_reusing_host_buffers_stops_refaulting_large_buffers():
+    def faults(malloc: str) -> tuple[str, float]:
+        env = {**os.environ, "VGG_JAX_MALLOC": malloc, "XLA_FLAGS": ""}
+        out = subprocess.run(
+            [sys.executable, "-c", FAULTS_SCRIPT], env=env, capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr
+        reused, per_call = out.stdout.split()
+        return reused, float(per_call)
+
+    (off, faults_off), (on, faults_on) = faults("0"), faults("1")
+    assert (off, on) == ("False", "True")
+    pages = 64 * 2**20 / resource.getpagesize()
+    assert faults_off > 0.5 * pages  # each call maps its 64 MiB result afresh
+    assert faults_on < 0.6 * pages  # most calls find a freed buffer to reuse
+    # Once JAX's backend runs (as in this process), it is too late: nothing is changed.
+    jnp.ones(1).block_until_ready()
+    assert not backend.reuse_host_buffers()

@@ -8,6 +8,7 @@ in one place without touching the model definition.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -29,8 +30,9 @@ LRN_BETA = 0.75
 # ---------------------------------------------------------------------------
 # Formulations. "lax" is the plain lowering (conv_general_dilated,
 # reduce_window); "fast" is the one measured faster on XLA:CPU (DESIGN.md, the
-# per-layer probe): a reshape-and-max pool with its own gradient, and small-map
-# convolutions as shifted views plus one matmul. "auto" picks "fast" on CPU and
+# per-layer probe): a reshape-and-max pool with its own gradient, small-map
+# convolutions as shifted views plus one matmul, and first-layer convolutions
+# (few input channels) as a sum of shifted taps. "auto" picks "fast" on CPU and
 # "lax" elsewhere. Both compute the same values and gradients (tests/test_layers.py).
 
 FORMULATIONS = ("auto", "lax", "fast")
@@ -38,8 +40,14 @@ _formulation = os.environ.get("VGG_JAX_FORMULATION", "auto")
 
 # Maps with at most this many rows and columns go through the shifted-view
 # matmul in the "fast" formulation; larger maps keep XLA's convolution. Measured
-# at 32 px (benchmarks/RESULTS.md): 4 was no better than 2, 8 was worse.
+# at 32 px on a quiet machine (benchmarks/RESULTS.md): 2 is best; 4, 8, 16 and
+# 32 are slower.
 SMALL_MAP_MAX = 2
+
+# Inputs with at most this many channels (the first layer: grey or RGB images)
+# go through the shifted-tap formulation in "fast": XLA:CPU's convolution with
+# one input channel ran 8x slower than the same sum of nine scaled shifts.
+FEW_CHANNELS_MAX = 3
 
 
 def _check_formulation(name: str) -> str:
@@ -96,6 +104,21 @@ def _same_pads(k: int) -> tuple[int, int]:
     return (k - 1) // 2, k // 2
 
 
+def _padded_input(x: Array, kernel: Array, padding: str) -> tuple[Array, int, int]:
+    """Validates the shapes, pads for SAME; returns the input and the output's height and width."""
+    kh, kw, cin, _ = kernel.shape
+    if x.shape[-1] != cin:
+        raise ValueError(f"Input has {x.shape[-1]} channels but the kernel expects {cin}.")
+    if padding == "SAME":
+        x = jnp.pad(x, ((0, 0), _same_pads(kh), _same_pads(kw), (0, 0)))
+    elif padding != "VALID":
+        raise ValueError(f"padding must be 'SAME' or 'VALID', got {padding!r}.")
+    out_h, out_w = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+    if out_h < 1 or out_w < 1:
+        raise ValueError(f"A {kh}x{kw} VALID convolution needs inputs of at least that size.")
+    return x, out_h, out_w
+
+
 def conv2d_matmul(x: Array, kernel: Array, padding: str = "SAME") -> Array:
     """The same convolution as shifted views of the input concatenated and one matmul.
 
@@ -105,16 +128,7 @@ def conv2d_matmul(x: Array, kernel: Array, padding: str = "SAME") -> Array:
     is slow, not for large ones.
     """
     kh, kw, cin, cout = kernel.shape
-    if x.shape[-1] != cin:
-        raise ValueError(f"Input has {x.shape[-1]} channels but the kernel expects {cin}.")
-    if padding == "SAME":
-        x = jnp.pad(x, ((0, 0), _same_pads(kh), _same_pads(kw), (0, 0)))
-    elif padding != "VALID":
-        raise ValueError(f"padding must be 'SAME' or 'VALID', got {padding!r}.")
-    n, h, w, _ = x.shape
-    out_h, out_w = h - kh + 1, w - kw + 1
-    if out_h < 1 or out_w < 1:
-        raise ValueError(f"A {kh}x{kw} VALID convolution needs inputs of at least that size.")
+    x, out_h, out_w = _padded_input(x, kernel, padding)
     views = [x[:, dy : dy + out_h, dx : dx + out_w, :] for dy in range(kh) for dx in range(kw)]
     patches = views[0] if len(views) == 1 else jnp.concatenate(views, axis=-1)
     # Accumulate in float32 whatever the input dtype, as convolutions do.
@@ -123,14 +137,49 @@ def conv2d_matmul(x: Array, kernel: Array, padding: str = "SAME") -> Array:
         kernel.reshape(kh * kw * cin, cout),
         preferred_element_type=jnp.float32,
     )
-    return out.astype(jnp.result_type(x, kernel)).reshape(n, out_h, out_w, cout)
+    return out.astype(jnp.result_type(x, kernel)).reshape(x.shape[0], out_h, out_w, cout)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv2d_taps(x: Array, kernel: Array, padding: str = "SAME") -> Array:
+    """The same convolution as a sum of kh*kw*C shifted input channels times kernel rows.
+
+    For inputs with very few channels (the first layer) this is one fused
+    elementwise loop. Its automatic gradient would be kh*kw*C separate
+    reductions, so the gradient is taken through `conv2d_matmul` instead.
+    """
+    kh, kw, cin, _ = kernel.shape
+    x, out_h, out_w = _padded_input(x, kernel, padding)
+    xf, kf = x.astype(jnp.float32), kernel.astype(jnp.float32)
+    out = sum(
+        xf[:, dy : dy + out_h, dx : dx + out_w, c : c + 1] * kf[dy, dx, c]
+        for dy in range(kh)
+        for dx in range(kw)
+        for c in range(cin)
+    )
+    return out.astype(jnp.result_type(x, kernel))
+
+
+def _taps_fwd(x: Array, kernel: Array, padding: str) -> tuple[Array, tuple[Array, Array]]:
+    return conv2d_taps(x, kernel, padding), (x, kernel)
+
+
+def _taps_bwd(padding: str, res: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
+    x, kernel = res
+    _, pullback = jax.vjp(lambda a, b: conv2d_matmul(a, b, padding), x, kernel)
+    return pullback(g)
+
+
+conv2d_taps.defvjp(_taps_fwd, _taps_bwd)
 
 
 def conv2d(x: Array, kernel: Array, padding: str = "SAME", formulation: str | None = None) -> Array:
     """Stride-1 NHWC convolution with an HWIO kernel, lowered per formulation."""
-    small = max(x.shape[1], x.shape[2]) <= SMALL_MAP_MAX
-    if small and resolve_formulation(formulation) == "fast":
-        return conv2d_matmul(x, kernel, padding)
+    if resolve_formulation(formulation) == "fast":
+        if x.shape[-1] <= FEW_CHANNELS_MAX:
+            return conv2d_taps(x, kernel, padding)
+        if max(x.shape[1], x.shape[2]) <= SMALL_MAP_MAX:
+            return conv2d_matmul(x, kernel, padding)
     return conv2d_lax(x, kernel, padding)
 
 
