@@ -130,6 +130,8 @@ def torch_variants(spec: str, on_gpu: bool) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
+    # Both peers share this process, so both get the same allocator behaviour.
+    reused = backend.reuse_host_buffers()
     device = jax.devices()[0]
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     variants = torch_variants(args.torch, device.platform == "gpu")
@@ -178,6 +180,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                     "vs_torch_best": ips / best if best else None,
                     "device": device.device_kind,
                     "jax_cpu_flag": backend.cpu_flag_active(),
+                    "reuse_host_buffers": reused,
                     "load_avg": float(np.median(loads)),
                     "date": date,
                     **r.info,

@@ -38,7 +38,9 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-    from vgg_jax import input_pipeline, train
+    from vgg_jax import backend, input_pipeline, train
+
+    backend.reuse_host_buffers()  # as `python -m vgg_jax.train` does
 
     config = load_config(args.variant)
     for item in args.override:

@@ -113,6 +113,10 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from vgg_jax import backend
+
+    # Both implementations run in this process, so both get the same allocator behaviour.
+    reused = backend.reuse_host_buffers()
     load_before = common.load_average()
     with tempfile.TemporaryDirectory(prefix="vgg_jax_seed_compare_") as workdir:
         rows = [ours(args, workdir)]
@@ -126,6 +130,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
         "machine": common.machine(),
         "load": [load_before, common.load_average()],
+        "reuse_host_buffers": reused,
         "command": "python -m benchmarks.seed_compare "
         + " ".join(sys.argv[1:] if argv is None else argv),
         "resolution": args.resolution,

@@ -182,6 +182,8 @@ def torch_runner(name: str, args: argparse.Namespace, variant: str) -> common.Ru
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
+    # Both peers share this process, so both get the same allocator behaviour.
+    reused = backend.reuse_host_buffers()
     device = jax.devices()[0]
     peak = common.peak_flops(device.device_kind, args.dtype, args.peak_flops)
     on_gpu = device.platform == "gpu"
@@ -225,6 +227,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                 "vs_torch_best": ips / torch_best if torch_best else None,
                 "device": device.device_kind,
                 "jax_cpu_flag": backend.cpu_flag_active(),
+                "reuse_host_buffers": reused,
                 "load_avg": float(np.median(loads)),
                 "date": date,
                 **info,

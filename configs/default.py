@@ -40,7 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.std_rgb = (1.0, 1.0, 1.0)  # divided after the mean; the paper uses none
     c.resize_method = "bilinear"
     c.shuffle_buffer = 16_384
-    c.cache = False
+    c.cache = False  # True: preprocess the training set once into memory (fixed S, no augmentation)
     # Only these labels of the dataset, relabelled 0..k-1 in this order (set num_classes = k);
     # () keeps every class.
     c.classes = ()

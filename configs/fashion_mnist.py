@@ -59,13 +59,24 @@ def get_config(variant=None):
     c.checkpoint_every_steps = 500
 
     if variant == "quick":
-        # Only the resolution and the epoch count change. Measured (benchmarks/RESULTS.md):
-        # lr 0.02 and 0.05 at batch 128 let this plain 11-layer net collapse to a constant
-        # output within the first epoch at 32x32; the seed's lr 0.01 at batch 64 is kept.
+        # The same network at 32x32 for 3 epochs, with a recipe that gets there in 5 minutes
+        # on 2 cores (benchmarks/RESULTS.md, "Trainer and seed experiment"): inputs
+        # standardised with Fashion-MNIST's pixel mean and std, batch 128 at lr 0.05 (the
+        # d2l settings) after a quarter-epoch linear warm-up, cosine decay to 0, and the
+        # training set preprocessed once into memory. Without the standardisation and
+        # warm-up, lr 0.02-0.05 at batch 128 made this plain net collapse to a constant
+        # output in the first epoch; the seed's recipe reaches 0.871 after 3 epochs.
         c.image_size = c.train_scale_min = c.train_scale_max = c.eval_scale = 32
+        c.mean_rgb = (0.2860,)  # Fashion-MNIST training pixels, in [0, 1] units
+        c.std_rgb = (0.3530,)
+        c.cache = True
+        c.batch_size = 128
+        c.learning_rate = 0.05
+        c.schedule = "cosine"
+        c.warmup_epochs = 0.25
         c.eval_batch_size = 1000
         c.num_epochs = 3
-        c.checkpoint_every_steps = 300
+        c.checkpoint_every_steps = 250  # on the 50-step logging grid
     elif variant == "d2l":
         c.learning_rate = 0.05
         c.batch_size = 128

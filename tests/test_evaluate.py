@@ -497,7 +497,7 @@ def test_evaluate_and_score_map_on_a_training_workdir(tmp_path, capsys):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config("quick")
-    config.update(dict(width_divisor=16, fc_width=32, max_steps=3, progress_bar=False))
+    config.update(dict(width_divisor=16, fc_width=32, max_steps=3, cache=False, progress_bar=False))
     config.update(dict(tensorboard=False) if "tensorboard" in config else {})
     run = str(tmp_path / "run")
     train.train_and_evaluate(config, run)

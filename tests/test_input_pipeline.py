@@ -173,6 +173,40 @@ def test_train_is_deterministic_and_resumes_exactly_across_epochs(tfds_dir):
     )
 
 
+def test_cache_serves_the_same_images_and_resumes_exactly(tfds_dir):
+    # 10 steps per epoch; two processes, each with its own 320-image share.
+    c = fashion_config(tfds_dir, train_split="train[:640]", seed=5, mean_rgb=(0.3,))
+    cached = c.copy_and_resolve_references()
+    cached.cache = True
+    kw = dict(process_index=1, process_count=2)
+    streamed = take(ip.train_dataset(c, **kw), 10)
+    fresh = take(ip.train_dataset(cached, **kw), 24)
+
+    # One epoch holds each of this process's images once, preprocessed as without the cache.
+    def by_content(batches):
+        images = np.concatenate([b["image"] for b in batches])
+        labels = np.concatenate([b["label"] for b in batches])
+        order = np.lexsort((images.reshape(len(images), -1).sum(1), labels))
+        return images[order], labels[order]
+
+    (a, la), (b, lb) = by_content(streamed), by_content(fresh[:10])
+    np.testing.assert_array_equal(la, lb)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    assert not np.array_equal(fresh[0]["label"], fresh[10]["label"])  # reshuffled per epoch
+    assert_batches_equal(take(ip.train_dataset(cached, **kw), 24), fresh)
+    for start in (7, 13):
+        resumed = take(ip.train_dataset(cached, start_step=start, **kw), 5)
+        assert_batches_equal(resumed, fresh[start : start + 5])
+    other = next(ip.train_dataset(cached, process_index=0, process_count=2))
+    assert not np.array_equal(other["image"], fresh[0]["image"])
+
+
+def test_cache_refuses_augmentations_that_change_every_epoch(tfds_dir):
+    c = fashion_config(tfds_dir, cache=True, random_flip=True, train_scale_max=40)
+    with pytest.raises(ValueError, match=r"random crops.*random flips.*cache=False"):
+        next(ip.train_dataset(c, process_index=0, process_count=1))
+
+
 @pytest.mark.parametrize("online", [False, True])
 def test_missing_fashion_mnist_lists_the_three_ways(tmp_path, monkeypatch, online):
     monkeypatch.setattr(data_sources, "DEBIAN_FASHION_MNIST_DIR", str(tmp_path / "none"))

@@ -95,3 +95,42 @@ def configure_xla_flags(environ: os._Environ | dict[str, str] = os.environ) -> b
 def cpu_flag_active() -> bool:
     """Whether the running backend was (or will be) created with the YNN flag."""
     return YNN_FLAG in os.environ.get("XLA_FLAGS", "")
+
+
+# ---------------------------------------------------------------------------
+# Host memory allocation. XLA:CPU runs a step on worker threads, whose glibc
+# arenas serve every large buffer (a 4096x4096 weight gradient is 64 MiB) with
+# a fresh mmap and give it back with munmap, so each step faults in and zeroes
+# every such page again: a third of the time of the FC weight-gradient matmul
+# on the 2-core dev VM (benchmarks/RESULTS.md). One arena that grows with brk
+# and never trims keeps freed buffers for the next step. Process-wide and
+# irreversible, so only the command-line entry points call it, before JAX starts.
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+
+
+def reuse_host_buffers(environ: os._Environ | dict[str, str] = os.environ) -> bool:
+    """Makes glibc keep and reuse freed large buffers; True when it did.
+
+    Skipped when VGG_JAX_MALLOC=0, off Linux/glibc, or once JAX's backend is
+    running (its threads already have their arenas).
+    """
+    if environ.get("VGG_JAX_MALLOC", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    if backend_started():
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl or another C library: leave it alone
+        return False
+    return all(
+        mallopt(option, value) == 1
+        for option, value in (
+            (_M_ARENA_MAX, 1),
+            (_M_MMAP_MAX, 0),
+            (_M_TRIM_THRESHOLD, 2**31 - 1),
+        )
+    )

@@ -43,6 +43,14 @@ configs/default.py):
 
 Optional config field `decode_crop` (default True): False decodes whole JPEGs,
 resizes the whole image and crops (the reference path; same result).
+
+`config.cache=True` (small datasets such as Fashion-MNIST): this process's
+training share is decoded, rescaled to S = image_size, centre-cropped and
+normalised once, held in memory as float32, and served as batches of a
+per-epoch permutation (a function of seed, epoch and process, so resuming is
+exact). Only for a fixed preprocessing: with scale jittering, random crops,
+flips or colour shift it is a ValueError. Saves the per-epoch decoding, which
+on 2 CPU cores competes with the train step for the same cores.
 """
 
 from __future__ import annotations
@@ -472,6 +480,9 @@ def train_dataset(
     steps = steps_per_epoch(config)
     if start_step < 0:
         raise ValueError(f"start_step must be >= 0, got {start_step}.")
+    if config.cache:
+        images, labels = _in_memory(config, source, aug, pi, pc)
+        return _memory_iterator(config.seed, images, labels, start_step, steps, pi, local_batch)
     return _train_iterator(config, source, aug, start_step, steps, pi, pc, local_batch)
 
 
@@ -499,6 +510,82 @@ def _train_iterator(config, source, aug, start_step, steps, pi, pc, local_batch)
                 pi,
                 dropped,
             )
+        epoch, skip = epoch + 1, 0
+
+
+# ---------------------------------------------------------------------------
+# In-memory training set (config.cache): preprocessed once, shuffled per epoch.
+
+_MEMORY: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _check_cacheable(aug: Augment) -> None:
+    """config.cache stores each image preprocessed once: only for a fixed preprocessing."""
+    varying = []
+    if not aug.scale_min == aug.scale_max == aug.size:
+        varying.append("random crops/scale jittering (train_scale_min/max != image_size)")
+    if aug.flip:
+        varying.append("random flips (random_flip)")
+    if aug.color_shift > 0 and aug.channels == 3:
+        varying.append("colour shift (color_shift)")
+    if varying:
+        raise ValueError(
+            "config.cache keeps every training image preprocessed once, but this config "
+            f"changes images every epoch: {', '.join(varying)}. Set cache=False, or fix "
+            "those augmentations."
+        )
+
+
+def _in_memory(config, source, aug: Augment, pi: int, pc: int) -> tuple[np.ndarray, np.ndarray]:
+    """This process's training share, rescaled to S = image_size, centre-cropped, normalised."""
+    _check_cacheable(aug)
+    key = (
+        config.dataset, config.data_dir, config.get("manual_dir", ""), tuple(config.classes),
+        config.train_split, pi, pc, aug, config.value_range, tuple(config.mean_rgb),
+        tuple(config.std_rgb),
+    )  # fmt: skip
+    if key not in _MEMORY:
+        _MEMORY.clear()  # one training set at a time
+        records = source.records(config.train_split, pi, pc, None, 0)
+        mean, std = _channel_stats(config, aug.channels)
+        gain = np.float32(config.value_range / 255.0) / std
+
+        def preprocess(ex):
+            image = eval_preprocess(ex["image"], aug.channels, aug.size, aug.size, aug.method)
+            return image * gain - mean / std, tf.cast(ex["label"], tf.int32)
+
+        ds = records.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        images, labels = [], []
+        for image, label in ds.ignore_errors().batch(1024).as_numpy_iterator():
+            images.append(image)
+            labels.append(label)
+        empty = (np.zeros((0, aug.size, aug.size, aug.channels), np.float32), np.zeros(0, np.int32))
+        images_np = np.concatenate(images) if images else empty[0]
+        labels_np = np.concatenate(labels) if labels else empty[1]
+        if labels_np.size and not 0 <= labels_np.min() <= labels_np.max() < config.num_classes:
+            raise ValueError(
+                f"Training labels span {labels_np.min()}..{labels_np.max()}: set "
+                "config.num_classes > the largest label."
+            )
+        _MEMORY[key] = (images_np.astype(np.float32), labels_np)
+        log.info("Cached %d training images (%.0f MiB).", len(labels_np), images_np.nbytes / 2**20)
+    return _MEMORY[key]
+
+
+def _memory_iterator(seed, images, labels, start_step, steps, pi, local_batch) -> Iterator[Batch]:
+    """Batches of a per-epoch permutation that depends only on (seed, epoch, process)."""
+    need = steps * local_batch
+    if len(labels) < need:
+        raise RuntimeError(
+            f"Process {pi}: only {len(labels)} decodable training images in memory for "
+            f"{steps} batches of {local_batch}; too many files are corrupt or unreadable."
+        )
+    epoch, skip = divmod(start_step, steps)
+    while True:
+        order = np.random.default_rng(_epoch_seed(seed, epoch, pi)).permutation(len(labels))
+        for b in range(skip, steps):
+            rows = order[b * local_batch : (b + 1) * local_batch]
+            yield {"image": images[rows], "label": labels[rows]}
         epoch, skip = epoch + 1, 0
 
 

@@ -44,7 +44,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from vgg_jax import checkpoints, fileio, models, parallel
+from vgg_jax import backend, checkpoints, fileio, models, parallel
 from vgg_jax import metrics as metrics_lib
 
 log = logging.getLogger(__name__)
@@ -825,6 +825,7 @@ def main(argv: list[str]) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before the input pipeline imports TF
     config = flags.FLAGS.config
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file it writes at INFO
+    backend.reuse_host_buffers()
     use_compilation_cache()
     try:
         train_and_evaluate(config, flags.FLAGS.workdir)
