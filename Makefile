@@ -14,7 +14,7 @@ demo: setup
 	$(PY) -m vgg_jax.evaluate --workdir $(WORKDIR)
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 lint: setup
 	$(VENV)/bin/ruff check .
