@@ -207,6 +207,15 @@ def test_cache_refuses_augmentations_that_change_every_epoch(tfds_dir):
         next(ip.train_dataset(c, process_index=0, process_count=1))
 
 
+def test_cache_of_an_image_folder_counts_the_corrupt_files(photo_root, caplog):
+    c = folder_config(photo_root, cache=True, train_scale_max=32, random_flip=False)
+    c.color_shift = 0.0
+    with caplog.at_level(logging.WARNING, logger="vgg_jax.input_pipeline"):
+        batch = next(ip.train_dataset(c, process_index=0, process_count=1))
+    assert batch["image"].shape == (8, 32, 32, 3) and np.isfinite(batch["image"]).all()
+    assert "skipped 2 training image(s)" in caplog.text  # broken.jpg and garbage.png
+
+
 @pytest.mark.parametrize("online", [False, True])
 def test_missing_fashion_mnist_lists_the_three_ways(tmp_path, monkeypatch, online):
     monkeypatch.setattr(data_sources, "DEBIAN_FASHION_MNIST_DIR", str(tmp_path / "none"))

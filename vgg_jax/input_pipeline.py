@@ -567,6 +567,11 @@ def _in_memory(config, source, aug: Augment, pi: int, pc: int) -> tuple[np.ndarr
                 f"Training labels span {labels_np.min()}..{labels_np.max()}: set "
                 "config.num_classes > the largest label."
             )
+        dropped = source.shard_sizes(config.train_split, pc)[pi] - len(labels_np)
+        if dropped > 0:
+            log.warning(
+                "Process %d: skipped %d training image(s) that could not be decoded.", pi, dropped
+            )
         _MEMORY[key] = (images_np.astype(np.float32), labels_np)
         log.info("Cached %d training images (%.0f MiB).", len(labels_np), images_np.nbytes / 2**20)
     return _MEMORY[key]
