@@ -486,11 +486,10 @@ def test_evaluate_and_score_map_on_a_training_workdir(tmp_path, capsys):
     import json
     import os
 
-    train = pytest.importorskip("vgg_jax.train", reason="the trainer (issue 4) is not merged yet")
     from PIL import Image
     from skimage import data
 
-    from vgg_jax import score_map
+    from vgg_jax import score_map, train
 
     configs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
     spec = importlib.util.spec_from_file_location("fm", os.path.join(configs, "fashion_mnist.py"))

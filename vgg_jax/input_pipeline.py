@@ -547,12 +547,10 @@ def _in_memory(config, source, aug: Augment, pi: int, pc: int) -> tuple[np.ndarr
     if key not in _MEMORY:
         _MEMORY.clear()  # one training set at a time
         records = source.records(config.train_split, pi, pc, None, 0)
-        mean, std = _channel_stats(config, aug.channels)
-        gain = np.float32(config.value_range / 255.0) / std
 
         def preprocess(ex):
             image = eval_preprocess(ex["image"], aug.channels, aug.size, aug.size, aug.method)
-            return image * gain - mean / std, tf.cast(ex["label"], tf.int32)
+            return normalize(image, config), tf.cast(ex["label"], tf.int32)
 
         ds = records.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         images, labels = [], []
