@@ -235,3 +235,9 @@ def test_reusing_host_buffers_stops_refaulting_large_buffers():
     # Once JAX's backend runs (as in this process), it is too late: nothing is changed.
     jnp.ones(1).block_until_ready()
     assert not backend.reuse_host_buffers()
+
+
+def test_host_buffers_left_alone_where_an_accelerator_computes(monkeypatch):
+    monkeypatch.setattr(backend, "backend_started", lambda: False)
+    assert not backend.reuse_host_buffers({"JAX_PLATFORMS": "cuda"})
+    assert backend.cpu_is_default_backend({"JAX_PLATFORMS": "cuda,cpu"})

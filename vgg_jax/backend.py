@@ -63,16 +63,21 @@ def backend_started() -> bool:
         return False
 
 
+def cpu_is_default_backend(environ: os._Environ | dict[str, str] = os.environ) -> bool:
+    """Whether JAX will compute on the CPU (JAX_PLATFORMS allows it and no accelerator wins)."""
+    platforms = environ.get("JAX_PLATFORMS", "")
+    if platforms:
+        return "cpu" in platforms.split(",")
+    return not accelerator_plugin_installed()
+
+
 def cpu_flags_wanted(environ: os._Environ | dict[str, str] = os.environ) -> bool:
     """Whether `configure_xla_flags` would add the CPU flag (see the module docstring)."""
     if environ.get("VGG_JAX_CPU_FLAGS", "1") == "0":
         return False
     if YNN_FLAG_NAME in environ.get("XLA_FLAGS", ""):
         return False
-    platforms = environ.get("JAX_PLATFORMS", "")
-    if platforms and "cpu" not in platforms.split(","):
-        return False
-    if not platforms and accelerator_plugin_installed():
+    if not cpu_is_default_backend(environ):
         return False
     return _jaxlib_version() in KNOWN_JAXLIB
 
@@ -112,12 +117,14 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 def reuse_host_buffers(environ: os._Environ | dict[str, str] = os.environ) -> bool:
     """Makes glibc keep and reuse freed large buffers; True when it did.
 
-    Skipped when VGG_JAX_MALLOC=0, off Linux/glibc, or once JAX's backend is
-    running (its threads already have their arenas).
+    Skipped when VGG_JAX_MALLOC=0, off Linux/glibc, when an accelerator will do
+    the computing (one arena would only add lock contention to the input
+    pipeline's threads there), or once JAX's backend is running (its threads
+    already have their arenas).
     """
     if environ.get("VGG_JAX_MALLOC", "1") == "0" or not sys.platform.startswith("linux"):
         return False
-    if backend_started():
+    if not cpu_is_default_backend(environ) or backend_started():
         return False
     import ctypes
 
