@@ -570,7 +570,7 @@ def _in_memory(config, source, aug: Augment, pi: int, pc: int) -> tuple[np.ndarr
             log.warning(
                 "Process %d: skipped %d training image(s) that could not be decoded.", pi, dropped
             )
-        _MEMORY[key] = (images_np.astype(np.float32), labels_np)
+        _MEMORY[key] = (images_np, labels_np)  # float32 already: normalize() returns it
         log.info("Cached %d training images (%.0f MiB).", len(labels_np), images_np.nbytes / 2**20)
     return _MEMORY[key]
 
