@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 
 import jax
@@ -300,3 +301,47 @@ def test_every_config_variant_validates_and_bad_fields_are_named():
     config.init_from = ""
     with pytest.raises(ValueError, match="init_from"):
         localize.validate_config(config)
+
+
+def _interrupting_batches(monkeypatch, at_step: int, action):
+    """Makes localize's training batches run `action` when the batch of step `at_step` is due."""
+    original = localize.train_batches
+
+    def batches(config, start_step=0):
+        for step, batch in enumerate(original(config, start_step), start_step + 1):
+            if step == at_step:
+                action()
+            yield batch
+
+    monkeypatch.setattr(localize, "train_batches", batches)
+
+
+@needs_fashion_mnist
+def test_killed_and_preempted_runs_resume_exactly(tmp_path, monkeypatch):
+    import signal
+
+    config = tiny_config(max_steps=8, checkpoint_every_steps=3, log_every_steps=2)
+    localize.train_and_evaluate(config, str(tmp_path / "straight"))
+
+    def crash():
+        raise RuntimeError("killed")
+
+    workdir = str(tmp_path / "interrupted")
+    with monkeypatch.context() as m:
+        _interrupting_batches(m, 5, crash)
+        with pytest.raises(RuntimeError, match="killed"):
+            localize.train_and_evaluate(config, workdir)
+    assert checkpoints.state_manager(workdir, read_only=True).latest_step() == 3
+    with monkeypatch.context() as m:
+        _interrupting_batches(m, 5, lambda: os.kill(os.getpid(), signal.SIGTERM))
+        assert localize.train_and_evaluate(config, workdir) == {"step": 5, "preempted": True}
+    other = tiny_config(max_steps=8, fc_width=32)
+    with pytest.raises(ValueError, match="does not match model vgg11_bn"):
+        localize.train_and_evaluate(other, workdir)
+    assert localize.train_and_evaluate(config, workdir)["complete"]
+    steps = [r["step"] for r in map(json.loads, open(os.path.join(workdir, "metrics.jsonl")))]
+    # Logged on the grid, at saves and at the end; step 4 again after resuming from step 3.
+    assert steps == [2, 3, 4, 4, 5, 6, 8], steps
+    resumed = checkpoints.load_bundle(workdir).variables
+    straight = checkpoints.load_bundle(str(tmp_path / "straight")).variables
+    jax.tree.map(np.testing.assert_array_equal, resumed, straight)

@@ -264,6 +264,40 @@ def state_manager(workdir: str, keep: int = 3, read_only: bool = False) -> ocp.C
     )
 
 
+def save_state(manager: ocp.CheckpointManager, step: int, state: Any, meta: Any) -> None:
+    """Saves a training state and its JSON `meta` at `step` (a step saved already is kept)."""
+    if step in manager.all_steps():
+        return
+    manager.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+        force=True,
+    )
+
+
+def restore_state(
+    manager: ocp.CheckpointManager, step: int, model: models.VGG, target: Any, source: str
+) -> tuple[Any, dict[str, Any]]:
+    """The state and meta saved at `step`, restored onto `target` (abstract arrays).
+
+    The saved variables are checked against `model` first, so a checkpoint of
+    another model fails with a ValueError naming the parameter, not inside orbax.
+    """
+    saved = manager.item_metadata(step)["state"]
+    # batch_stats too: a BN model's expected variables include them (params alone never match).
+    saved_vars = {
+        k: abstract_from_metadata(dict(saved[k])) for k in ("params", "batch_stats") if saved.get(k)
+    }
+    check_variables(model, saved_vars, channels=None, source=source)
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
+        ),
+    )
+    return restored["state"], dict(restored["meta"])
+
+
 def best_manager(workdir: str, read_only: bool = False) -> ocp.CheckpointManager:
     """Manager of workdir/best: the variables of the evaluation with the best top-1 accuracy."""
     options = ocp.CheckpointManagerOptions(

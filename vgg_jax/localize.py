@@ -35,7 +35,8 @@ has seen objects at canvas positions and scales).
 
 A workdir ends up holding a model bundle (`checkpoints.save_bundle`: the
 variables, preprocessing and, in its metadata, the head, classes and
-classifier), `config.json` and `metrics.jsonl`.
+classifier), `config.json`, `metrics.jsonl` and the training checkpoints
+(`checkpoints/`), from which a killed run resumes.
 """
 
 from __future__ import annotations
@@ -229,14 +230,6 @@ def eval_crops(config) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 # Training.
 
 
-@dataclasses.dataclass
-class _State:
-    step: int
-    params: Any
-    batch_stats: Any
-    opt_state: Any
-
-
 def _initial_variables(config, model, channels: int, say) -> dict[str, Any]:
     size = config.image_size
     variables = model.init(
@@ -346,91 +339,179 @@ def _evaluate_crops(config, model, variables, crops, targets, labels) -> dict[st
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Trains the localisation (or rating classifier) net of `config`; saves a bundle in workdir.
+    """Trains (or resumes) the localisation or rating classifier net of `config` in workdir.
 
-    A workdir that already holds the finished bundle is left alone (say so and return).
+    The training state is checkpointed every config.checkpoint_every_steps, at
+    each epoch's end and on SIGTERM; a killed run resumes from its last
+    checkpoint exactly (batches and dropout are functions of the step). The
+    finished net is saved as a model bundle; a workdir that already holds one is
+    left alone.
     """
     validate_config(config)
     workdir = fileio.absolute(workdir)
     fileio.makedirs(workdir)
-    bar_enabled = bool(config.progress_bar)
     if checkpoints.is_bundle(workdir):
         meta = checkpoints.load_bundle(workdir).metadata
         print(f"{workdir} already holds a trained net; nothing to do. Use a new --workdir.")
         return {"complete": True, **meta.get("results", {})}
-    loc = config.localization
     mesh = parallel.create_mesh(config)
     parallel.check_batch(config.batch_size, mesh)
     model = create_model(config)
     spe = steps_per_epoch(config)
     total = train.total_steps(config, spe)
-    bar = metrics_lib.ProgressBar(total, spe, enabled=bar_enabled)
+    bar = metrics_lib.ProgressBar(total, spe, enabled=bool(config.progress_bar))
     say = bar.message
-    crops, targets, labels = eval_crops(config)
-    variables = _initial_variables(config, model, crops.shape[-1], say)
-    params, batch_stats = variables["params"], variables.get("batch_stats", {})
-    tx = train.create_optimizer(config, spe, params)
-    lr_fn = train.learning_rate_fn(config, spe)
-    step_fn = make_train_step(config, model, tx, lr_fn)
-    repl, batch_sh = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-    params, batch_stats = jax.device_put((params, batch_stats), repl)
-    opt_state = jax.device_put(tx.init(params), repl)
-    writer = metrics_lib.MetricsWriter(workdir, tensorboard=config.get("tensorboard", True))
-    fileio.write_text_atomic(
-        fileio.join(workdir, checkpoints.CONFIG_FILE),
-        json.dumps(config.to_dict(), indent=2, default=str),
-    )
-    data = train_batches(config)
-    pending: list[dict[str, jax.Array]] = []
-    ev: dict[str, float] = {}
-    start = last = time.perf_counter()
-    for step in range(1, total + 1):
-        batch = next(data)
-        batch = {k: jax.device_put(v, batch_sh) for k, v in batch.items()}
-        params, batch_stats, opt_state, figures = step_fn(
-            params, batch_stats, opt_state, batch, jnp.int32(step - 1)
-        )
-        pending.append(figures)
-        evaluate_now = step == total or (
-            step % spe == 0 and (step // spe) % config.eval_every_epochs == 0
-        )
-        if step % config.log_every_steps == 0 or evaluate_now:
-            fetched = jax.device_get(pending)
-            pending = []
-            now = time.perf_counter()
-            loss = float(np.mean([f["loss"] for f in fetched]))
-            if not math.isfinite(loss):
-                raise FloatingPointError(
-                    f"The training loss is {loss} at step {step}; lower config.learning_rate."
-                )
-            logged = {
-                "train_loss": loss,
-                "learning_rate": float(fetched[-1]["learning_rate"]),
-                "images_per_second": len(fetched) * config.batch_size / max(now - last, 1e-9),
-            }
-            if loc.task == "classify":
-                logged["train_accuracy"] = float(np.mean([f["metric"] for f in fetched]))
-            last = now
-            if evaluate_now:
-                ev = _evaluate_crops(
-                    config, model, _variables(params, batch_stats), crops, targets, labels
-                )
-                logged.update(ev)
-                say(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
-            writer.write(step, step / spe, logged)
-            bar.update(step, logged, (now - start) / step)
-    writer.close()
-    results = {**ev, "steps": total, "seconds": time.perf_counter() - start}
-    if loc.task == "localize":
+    eval_set = eval_crops(config)
+    channels = eval_set[0].shape[-1]
+    abstract_params = checkpoints.expected_variables(model, channels)["params"]
+    tx = train.create_optimizer(config, spe, abstract_params)
+    manager = checkpoints.state_manager(workdir, keep=config.keep_checkpoints)
+    try:
+        state, meta = _start_state(config, model, tx, manager, mesh, workdir, channels, say)
+        if meta["step"] < total:
+            loop = _Loop(config, model, tx, spe, total, mesh, manager, workdir, bar, eval_set)
+            state, meta = loop.run(state, meta)
+            if meta.get("preempted"):
+                return {"step": meta["step"], "preempted": True}
+        manager.wait_until_finished()
+    finally:
+        manager.close()
+    results = {**meta["eval"], "steps": total, "seconds": meta["seconds"]}
+    if config.localization.task == "localize":
+        targets = eval_set[1]
         mean_size = _mean_target_size(config)
         baseline, _ = central_crop_error(
             np.tile(centred_box(mean_size), (len(targets), 1)), targets
         )
         results.update({"baseline_loc_error": baseline, "mean_box_size": list(mean_size)})
         say(f"fixed centred box of the mean training size: error {baseline:.4f}")
-    _save(config, workdir, _variables(params, batch_stats), results)
-    say(f"Saved the {loc.task} net in {workdir}.")
+    _save(config, workdir, _variables(state["params"], state.get("batch_stats")), results)
+    say(f"Saved the {config.localization.task} net in {workdir}.")
     return {"complete": True, **results}
+
+
+def _train_state(params, batch_stats, opt_state) -> dict[str, Any]:
+    """What a checkpoint holds: batch_stats only for batch-norm nets (orbax drops empty trees)."""
+    state = {"params": params, "opt_state": opt_state}
+    if batch_stats:
+        state["batch_stats"] = batch_stats
+    return state
+
+
+def _start_state(config, model, tx, manager, mesh, workdir: str, channels: int, say):
+    """The train state and the run's meta: fresh (saving config.json), or from the last save."""
+    repl = parallel.replicated(mesh)
+    latest = manager.latest_step()
+    if latest is None:
+        fileio.write_text_atomic(
+            fileio.join(workdir, checkpoints.CONFIG_FILE),
+            json.dumps(config.to_dict(), indent=2, default=str),
+        )
+        variables = _initial_variables(config, model, channels, say)
+        params = variables["params"]
+        state = _train_state(params, variables.get("batch_stats"), tx.init(params))
+        return jax.device_put(state, repl), {"step": 0, "eval": {}, "seconds": 0.0}
+    abstract = checkpoints.expected_variables(model, channels)
+    shapes = _train_state(
+        abstract["params"], abstract.get("batch_stats"), jax.eval_shape(tx.init, abstract["params"])
+    )
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), shapes)
+    source = fileio.join(workdir, checkpoints.STATE_DIR, str(latest))
+    state, meta = checkpoints.restore_state(manager, latest, model, target, source)
+    say(f"Resuming from step {latest} in {workdir}.")
+    return dict(state), meta
+
+
+class _Loop:
+    """The training loop: steps, logging, protocol-(1) evaluations and checkpoints."""
+
+    def __init__(self, config, model, tx, spe, total, mesh, manager, workdir, bar, eval_set):
+        self.config, self.model, self.spe, self.total = config, model, spe, total
+        self.manager, self.workdir, self.bar, self.eval_set = manager, workdir, bar, eval_set
+        self.step_fn = make_train_step(config, model, tx, train.learning_rate_fn(config, spe))
+        self.batch_sharding = parallel.batch_sharding(mesh)
+        self.writer = metrics_lib.MetricsWriter(
+            workdir, tensorboard=config.get("tensorboard", True)
+        )
+
+    def run(self, state: dict, meta: dict) -> tuple[dict, dict]:
+        """Steps from meta['step'] to the end, or until SIGTERM (meta['preempted'])."""
+        try:
+            with train.Preemption() as preemption:
+                return self._steps(state, meta, preemption)
+        finally:
+            self.writer.close()
+
+    def _steps(self, state: dict, meta: dict, preemption: train.Preemption):
+        config, spe, total = self.config, self.spe, self.total
+        first = meta["step"] + 1
+        data = train_batches(config, start_step=meta["step"])
+        pending: list[dict[str, jax.Array]] = []
+        start = last = time.perf_counter()
+        seconds_before = meta["seconds"]
+        for step in range(first, total + 1):
+            batch = {k: jax.device_put(v, self.batch_sharding) for k, v in next(data).items()}
+            state, figures = self._step(state, batch, step)
+            pending.append(figures)
+            epoch_end = step % spe == 0
+            evaluate_now = step == total or (
+                epoch_end and (step // spe) % config.eval_every_epochs == 0
+            )
+            stop = preemption.requested and step < total
+            save = stop or epoch_end or step == total or step % config.checkpoint_every_steps == 0
+            if step % config.log_every_steps == 0 or evaluate_now or save:
+                now = time.perf_counter()
+                logged = self._figures(step, jax.device_get(pending), now - last)
+                pending, last = [], now
+                if evaluate_now:
+                    meta["eval"] = self._evaluate(state, step)
+                    logged.update(meta["eval"])
+                self.writer.write(step, step / spe, logged)
+                self.bar.update(step, logged, (now - start) / (step - first + 1))
+            if save:
+                seconds = seconds_before + time.perf_counter() - start
+                meta = {**meta, "step": step, "seconds": seconds}
+                checkpoints.save_state(self.manager, step, state, meta)
+            if stop:
+                self.manager.wait_until_finished()
+                self.bar.message(
+                    f"SIGTERM: saved step {step} in {self.workdir}; run again to resume."
+                )
+                return state, {**meta, "preempted": True}
+        return state, meta
+
+    def _step(self, state: dict, batch: dict, step: int) -> tuple[dict, dict]:
+        params, batch_stats, opt_state, figures = self.step_fn(
+            state["params"],
+            state.get("batch_stats", {}),
+            state["opt_state"],
+            batch,
+            jnp.int32(step - 1),
+        )
+        return _train_state(params, batch_stats, opt_state), figures
+
+    def _figures(self, step: int, fetched: list[dict], seconds: float) -> dict[str, float]:
+        loss = float(np.mean([f["loss"] for f in fetched]))
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"The training loss is {loss} at step {step}: training stopped. The last good "
+                f"checkpoint (step {self.manager.latest_step()}) in {self.workdir} is kept; lower "
+                "config.learning_rate, then run again."
+            )
+        logged = {
+            "train_loss": loss,
+            "learning_rate": float(fetched[-1]["learning_rate"]),
+            "images_per_second": len(fetched) * self.config.batch_size / max(seconds, 1e-9),
+        }
+        if self.config.localization.task == "classify":
+            logged["train_accuracy"] = float(np.mean([f["metric"] for f in fetched]))
+        return logged
+
+    def _evaluate(self, state: dict, step: int) -> dict[str, float]:
+        variables = _variables(state["params"], state.get("batch_stats"))
+        ev = _evaluate_crops(self.config, self.model, variables, *self.eval_set)
+        self.bar.message(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+        return ev
 
 
 def _variables(params, batch_stats) -> dict[str, Any]:

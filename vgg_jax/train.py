@@ -407,7 +407,7 @@ def to_host(tree: Any) -> Any:
 # The run.
 
 
-class _Preemption:
+class Preemption:
     """Turns SIGTERM into a flag that the loop checks after each step."""
 
     def __init__(self):
@@ -481,39 +481,19 @@ def _abstract_state(config, model, channels, spe, mesh) -> tuple[Any, Any]:
 
 def _restore(run: _Run, step: int, shapes: Any) -> tuple[TrainState, dict[str, Any]]:
     """The state saved at `step`, checked against the model first (naming a mismatch)."""
-    source = fileio.join(run.workdir, checkpoints.STATE_DIR, str(step))
-    saved = run.manager.item_metadata(step)["state"]
-    # batch_stats too: a BN model's expected variables include them (params alone never match).
-    saved_vars = {
-        k: checkpoints.abstract_from_metadata(dict(saved[k]))
-        for k in ("params", "batch_stats")
-        if saved.get(k)
-    }
-    checkpoints.check_variables(run.model, saved_vars, channels=None, source=source)
     target = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
         shapes,
         run.state_sharding,
     )
-    restored = run.manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
-        ),
-    )
-    return restored["state"], dict(restored["meta"])
+    source = fileio.join(run.workdir, checkpoints.STATE_DIR, str(step))
+    return checkpoints.restore_state(run.manager, step, run.model, target, source)
 
 
 def _save(run: _Run, state: TrainState, finished: bool = False) -> None:
     step = int(to_host(state.step))
     meta = {**run.meta, "finished": finished, "epoch": step / run.steps_per_epoch}
-    if step in run.manager.all_steps():
-        return
-    run.manager.save(
-        step,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-        force=True,
-    )
+    checkpoints.save_state(run.manager, step, state, meta)
 
 
 def _evaluate(run: _Run, state: TrainState) -> dict[str, float]:
@@ -746,7 +726,7 @@ def _loop(run: _Run, state: TrainState) -> dict[str, Any]:
     data: Iterator = _data().train_dataset(config, start_step=step)
     logger = _Logger(run, step)
     figures: dict[str, float] = {}
-    with _Preemption() as preemption:
+    with Preemption() as preemption:
         while step < run.total_steps:
             batch = parallel.global_batch(next(data), run.mesh)
             state, step_figures = run.train_step(state, batch)
