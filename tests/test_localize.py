@@ -19,6 +19,7 @@ CONFIG = os.path.join(
     "configs",
     "localize_fashion_mnist.py",
 )
+PAPER_CONFIG = os.path.join(os.path.dirname(CONFIG), "localize_vgg16.py")
 needs_fashion_mnist = pytest.mark.skipif(
     data_sources.find_fashion_mnist_dir() is None,
     reason="Fashion-MNIST IDX files not installed (apt-get install dataset-fashion-mnist)",
@@ -111,11 +112,11 @@ def test_scr_and_pcr_heads_have_the_right_sizes():
     assert localize.head_outputs("pcr", 1000) == 4000
     with pytest.raises(ValueError, match="scr"):
         localize.head_outputs("per-class", 10)
-    for head, outputs in (("scr", 4), ("pcr", 4000)):
-        config = localize.load_config(CONFIG)
-        config.update(model="vgg16", num_classes=1000, width_divisor=1, fc_width=4096)
-        config.image_size = config.train_scale_min = config.train_scale_max = 224
-        config.localization.head = head
+    for variant, head, outputs in (("256", "scr", 4), ("pcr", "pcr", 4000)):
+        config = localize.load_config(f"{PAPER_CONFIG}:{variant}")
+        assert (config.model, config.image_size, config.train_scale_min) == ("vgg16", 224, 256)
+        assert config.learning_rate == 1e-3 and config.localization.head == head
+        config.num_classes = 1000
         model = localize.create_model(config)
         x = jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.float32)
         variables = jax.eval_shape(model.init, jax.random.key(0), x)
@@ -288,11 +289,13 @@ def test_dense_protocol_and_cli_draw_a_png(trained, tmp_path, capsys):
 def test_every_config_variant_validates_and_bad_fields_are_named():
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("loc_cfg", CONFIG)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    for variant in module.VARIANTS:
-        localize.validate_config(localize.load_config(f"{CONFIG}:{variant}"))
+    for path in (CONFIG, PAPER_CONFIG):
+        spec = importlib.util.spec_from_file_location("loc_cfg", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        for variant in module.VARIANTS:
+            localize.validate_config(localize.load_config(f"{path}:{variant}"))
+    assert localize.load_config(PAPER_CONFIG + ":384").train_scale_max == 384
     config = localize.load_config(CONFIG)
     config.localization.head = "per-class"
     with pytest.raises(ValueError, match="localization.head"):

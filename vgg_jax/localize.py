@@ -729,7 +729,7 @@ def evaluate_localizers(
     preds = dense_localize(
         localizers, cls_member, data.images, scales, merge_iou=float(loc_cfg.merge_iou)
     )
-    report["dense"] = {**dense_errors(preds, data), "images": n, "scales": list(scales)}
+    report["dense"] = {**dense_errors(preds, data), "images": len(data), "scales": list(scales)}
     report["dense"]["seconds"] = time.perf_counter() - t0
     # The same classes with a fixed box (the image's centre, the training set's mean size).
     fixed = boxes.clip(boxes.decode(centred_box(mean_size)))
