@@ -90,6 +90,10 @@ def transfer_config(variant: str) -> ml_collections.ConfigDict:
     t.c_grid = (0.01, 0.1, 1.0, 10.0, 100.0)
     t.pool_per_class = 1000  # splits draw their N images per class from these
     t.test_per_class = 0  # 0: the whole test split of the target classes
+    # > 0: target images pasted at random positions and scales (canvas_scale_range x the
+    # side) onto black canvases of this side, so that objects no longer line up.
+    t.canvas_size = 0
+    t.canvas_scale_range = (0.5, 1.0)
     t.seed = 0
     if variant == "tiny":
         t.scales = (32, 48)

@@ -131,3 +131,22 @@ def test_experiment_config_variants_are_valid_training_configs():
         assert config.source.num_classes == len(config.source.classes)
     with pytest.raises(ValueError, match="Unknown variant"):
         transfer.load_experiment_config(os.path.join(CONFIGS, "transfer_fashion_mnist.py:big"))
+
+
+def test_on_canvases_places_each_item_whole_and_keeps_labels():
+    rng = np.random.default_rng(0)
+    items = rng.uniform(0.2, 1.0, (6, 28, 28, 1)).astype(np.float32)  # no black pixels
+    data = transfer.LabelledImages(items, np.arange(6))
+    placed = transfer.on_canvases(data, 56, (0.5, 1.0), seed=4)
+    assert placed.images.shape == (6, 56, 56, 1)
+    np.testing.assert_array_equal(placed.labels, data.labels)
+    for canvas in placed.images[..., 0]:
+        rows, cols = np.flatnonzero(canvas.any(1)), np.flatnonzero(canvas.any(0))
+        side = rows[-1] - rows[0] + 1
+        assert side == cols[-1] - cols[0] + 1 and 28 <= side <= 56  # square, 0.5-1.0 of 56
+        assert canvas[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].min() > 0  # whole item
+    again = transfer.on_canvases(data, 56, (0.5, 1.0), seed=4)
+    np.testing.assert_array_equal(again.images, placed.images)  # a pure function of the seed
+    assert not np.array_equal(transfer.on_canvases(data, 56, (0.5, 1.0), 5).images, placed.images)
+    with pytest.raises(ValueError, match="scale_range"):
+        transfer.on_canvases(data, 56, (0.5, 1.5), seed=0)

@@ -116,6 +116,32 @@ def paste(
     return canvas, box / canvas_size
 
 
+def paste_all(
+    items: np.ndarray,
+    canvas_size: int,
+    scale_range: tuple[float, float],
+    rng: np.random.Generator,
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Each uint8 item on its own canvas, side uniform in scale_range * size; canvases, boxes.
+
+    The item lies wholly inside its canvas at a uniformly random position.
+    """
+    lo, hi = scale_range
+    if not 0 < lo <= hi <= 1:
+        raise ValueError(
+            f"scale_range {tuple(scale_range)} must satisfy 0 < min <= max <= 1 (item side as a "
+            "fraction of the canvas side)."
+        )
+    sides = np.maximum(np.round(rng.uniform(lo, hi, len(items)) * canvas_size).astype(int), 4)
+    canvases, box_list = [], []
+    for item, side in zip(items, sides, strict=True):
+        top, left = rng.integers(0, canvas_size - side + 1, 2)
+        canvas, box = paste(item, canvas_size, int(side), int(top), int(left))
+        canvases.append(canvas)
+        box_list.append(box)
+    return canvases, box_list
+
+
 def fashion_mnist_canvases(
     items: np.ndarray,
     labels: np.ndarray,
@@ -124,28 +150,19 @@ def fashion_mnist_canvases(
     scale_range: tuple[float, float],
     seed: int | Sequence[int],
 ) -> LocalizationSet:
-    """`count` canvases of canvas_size, each with one random item of side in scale_range * size.
+    """`count` canvases of canvas_size, each with one random item (`paste_all`).
 
-    The item lies wholly inside its canvas at a uniformly random position. The
-    set is a pure function of (items, seed): the same seed gives the same canvases.
+    The set is a pure function of (items, seed): the same seed gives the same canvases.
     """
-    lo, hi = scale_range
-    if not 0 < lo <= hi <= 1:
-        raise ValueError(
-            f"scale_range {scale_range} must satisfy 0 < min <= max <= 1 (item side as a "
-            "fraction of the canvas side)."
-        )
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, len(items), count)
-    sides = np.maximum(np.round(rng.uniform(lo, hi, count) * canvas_size).astype(int), 4)
-    images, box_list, label_list = [], [], []
-    for j, side in zip(picks, sides, strict=True):
-        top, left = rng.integers(0, canvas_size - side + 1, 2)
-        canvas, box = paste(items[j], canvas_size, int(side), int(top), int(left))
-        images.append(canvas)
-        box_list.append(box[None])
-        label_list.append(np.array([labels[j]], np.int32))
-    return LocalizationSet(images, box_list, label_list, FASHION_MNIST_CLASSES)
+    canvases, box_list = paste_all(items[picks], canvas_size, scale_range, rng)
+    return LocalizationSet(
+        canvases,
+        [b[None] for b in box_list],
+        [np.array([labels[j]], np.int32) for j in picks],
+        FASHION_MNIST_CLASSES,
+    )
 
 
 # ---------------------------------------------------------------------------

@@ -490,6 +490,22 @@ def format_results(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def on_canvases(
+    data: LabelledImages, size: int, scale_range: Sequence[float], seed: int | Sequence[int]
+) -> LabelledImages:
+    """Each image pasted at a random position and scale onto a black size x size canvas.
+
+    Objects off-centre and of varying size, as in VOC or Caltech photographs,
+    where raw pixels no longer line up (`localization_data.paste_all`).
+    """
+    from vgg_jax import localization_data
+
+    items = np.round(np.asarray(data.images) * 255).astype(np.uint8)
+    rng = np.random.default_rng(seed)
+    canvases, _ = localization_data.paste_all(items, size, tuple(scale_range), rng)
+    return LabelledImages(np.stack(canvases), data.labels)
+
+
 # ---------------------------------------------------------------------------
 # The offline Fashion-MNIST experiment: train on some classes, transfer to the others.
 
@@ -499,7 +515,8 @@ def run_experiment(config: Any, workdir: str, log: Log = _stderr) -> dict[str, A
 
     config.transfer: target_classes, scales, flip, combine, train_per_class,
     splits, c_grid, pool_per_class (training images per target class to draw
-    splits from), test_per_class (0 = the whole test split).
+    splits from), test_per_class (0 = the whole test split), canvas_size and
+    canvas_scale_range (`on_canvases`; canvas_size 0 = the images as they are).
     """
     from vgg_jax import fileio, train
 
@@ -525,6 +542,12 @@ def run_experiment(config: Any, workdir: str, log: Log = _stderr) -> dict[str, A
     test_set = load_split(
         split=config.source.eval_split, per_class=t.test_per_class, seed=t.seed, **data
     )
+    if t.canvas_size:
+        log(f"pasting them onto {t.canvas_size}x{t.canvas_size} canvases")
+        train_set, test_set = (
+            on_canvases(part, int(t.canvas_size), t.canvas_scale_range, [int(t.seed), salt])
+            for salt, part in ((1, train_set), (2, test_set))
+        )
     settings = TransferSettings(
         scales=tuple(t.scales),
         flip=bool(t.flip),
