@@ -123,7 +123,7 @@ def test_tiny_experiment_end_to_end(tmp_path, capsys):
 
 
 def test_experiment_config_variants_are_valid_training_configs():
-    for variant in ("default", "tiny"):
+    for variant in ("default", "canvas", "tiny"):
         path = os.path.join(CONFIGS, f"transfer_fashion_mnist.py:{variant}")
         config = transfer.load_experiment_config(path)
         train.validate_config(config.source)

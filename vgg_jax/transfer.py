@@ -516,7 +516,8 @@ def run_experiment(config: Any, workdir: str, log: Log = _stderr) -> dict[str, A
     config.transfer: target_classes, scales, flip, combine, train_per_class,
     splits, c_grid, pool_per_class (training images per target class to draw
     splits from), test_per_class (0 = the whole test split), canvas_size and
-    canvas_scale_range (`on_canvases`; canvas_size 0 = the images as they are).
+    canvas_scale_range (`on_canvases`; canvas_size 0 = the images as they are),
+    output (the results' JSON file in workdir).
     """
     from vgg_jax import fileio, train
 
@@ -567,7 +568,7 @@ def run_experiment(config: Any, workdir: str, log: Log = _stderr) -> dict[str, A
         "test_images": len(test_set),
         "results": results,
     }
-    fileio.write_text_atomic(fileio.join(workdir, "transfer.json"), json.dumps(out, indent=2))
+    fileio.write_text_atomic(fileio.join(workdir, t.output), json.dumps(out, indent=2))
     return out
 
 
