@@ -363,11 +363,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     say = bar.message
     eval_set = eval_crops(config)
     channels = eval_set[0].shape[-1]
-    abstract_params = checkpoints.expected_variables(model, channels)["params"]
-    tx = train.create_optimizer(config, spe, abstract_params)
+    abstract = checkpoints.expected_variables(model, channels)
+    tx = train.create_optimizer(config, spe, abstract["params"])
     manager = checkpoints.state_manager(workdir, keep=config.keep_checkpoints)
     try:
-        state, meta = _start_state(config, model, tx, manager, mesh, workdir, channels, say)
+        state, meta = _start_state(config, model, tx, manager, mesh, workdir, abstract, say)
         if meta["step"] < total:
             loop = _Loop(config, model, tx, spe, total, mesh, manager, workdir, bar, eval_set)
             state, meta = loop.run(state, meta)
@@ -398,20 +398,20 @@ def _train_state(params, batch_stats, opt_state) -> dict[str, Any]:
     return state
 
 
-def _start_state(config, model, tx, manager, mesh, workdir: str, channels: int, say):
-    """The train state and the run's meta: fresh (saving config.json), or from the last save."""
+def _start_state(config, model, tx, manager, mesh, workdir: str, abstract, say):
+    """The train state and the run's meta: fresh (saving config.json), or from the last save.
+
+    `abstract`: the model's variables as shapes (`checkpoints.expected_variables`).
+    """
     repl = parallel.replicated(mesh)
     latest = manager.latest_step()
     if latest is None:
-        fileio.write_text_atomic(
-            fileio.join(workdir, checkpoints.CONFIG_FILE),
-            json.dumps(config.to_dict(), indent=2, default=str),
-        )
+        train.save_config(config, workdir)
+        channels = int(abstract["params"]["features"]["conv1_1"]["kernel"].shape[2])
         variables = _initial_variables(config, model, channels, say)
         params = variables["params"]
         state = _train_state(params, variables.get("batch_stats"), tx.init(params))
         return jax.device_put(state, repl), {"step": 0, "eval": {}, "seconds": 0.0}
-    abstract = checkpoints.expected_variables(model, channels)
     shapes = _train_state(
         abstract["params"], abstract.get("batch_stats"), jax.eval_shape(tx.init, abstract["params"])
     )

@@ -468,7 +468,8 @@ def _data():
     return input_pipeline
 
 
-def _save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """workdir/config.json: what `checkpoints.load_workdir` and evaluators read back."""
     text = json.dumps(config.to_dict(), indent=2, default=str)
     fileio.write_text_atomic(fileio.join(workdir, checkpoints.CONFIG_FILE), text)
 
@@ -708,7 +709,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         run.say(f"Resuming from step {latest} in {workdir}.")
     else:
         if parallel.is_main_process():
-            _save_config(config, workdir)
+            save_config(config, workdir)
         state = _initial_state(run, shapes, channels)
     try:
         return _loop(run, state)
