@@ -38,7 +38,7 @@ def get_config(variant=None):
     variant = (variant or "256").strip()
     if variant not in VARIANTS:
         raise ValueError(f"Unknown variant {variant!r}; choose one of {VARIANTS}.")
-    c = _canvas.get_config("classifier" if variant == "classifier" else "default")
+    c = _canvas.get_config()
     c.model = "vgg16"
     c.num_classes = 20  # object classes (VOC); the net's outputs follow the head
     c.width_divisor = 1
@@ -74,4 +74,6 @@ def get_config(variant=None):
         loc.head = "pcr"
     elif variant == "fc":
         loc.fine_tune = "fc"
+    elif variant == "classifier":
+        loc.task = "classify"
     return c
