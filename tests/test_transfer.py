@@ -111,8 +111,11 @@ def test_tiny_experiment_end_to_end(tmp_path, capsys):
     desc, pixels = out["results"]["descriptor"][0], out["results"]["pixels"][0]
     assert desc["train_per_class"] == pixels["train_per_class"] == 10
     assert len(desc["splits"]) == config.transfer.splits
-    for row in (desc, pixels):
-        assert 0.3 < row["mean"] <= 1.0  # five target classes: chance is 0.2
+    # Five target classes (chance 0.2), small items anywhere on the canvas: pixels stay
+    # near chance, the position-averaged descriptor does not. Measured with this seed
+    # 0.384 against 0.233; over placement seeds 1-3 the margin was 0.06-0.14.
+    assert 0.2 < pixels["mean"] < desc["mean"] - 0.05
+    assert desc["mean"] <= 1.0
     # The CLI on the trained source network (a workdir), a slice of the data.
     data = "--dataset fashion_mnist --classes 5,6,7,8,9 --train-split train[:1000] --test-split"
     argv = [*data.split(), "test[:200]", "--weights", str(tmp_path), "--scales", "32"]
