@@ -196,11 +196,23 @@ def test_tfds_localization_source_on_mock_voc():
     with tfds.testing.mock_data(num_examples=3):
         data = ldata.tfds_localization_set("voc/2007", "train", limit=2)
     assert len(data) == 2 and data.num_classes == 20 and data.class_names[0] == "aeroplane"
-    assert data.images[0].ndim == 3 and data.images[0].max() <= 1.0
+    assert data.images[0].ndim == 3 and data.images[0].dtype == np.uint8  # 1/4 of float32
+    np.testing.assert_array_equal(ldata.unit_float(data.images[0]) * 255, data.images[0])
     assert data.boxes[0].ndim == 2 and data.boxes[0].shape[1] == 4  # mock lengths are random
     assert data.labels[0].dtype == np.int32 and data.labels[0].max() < 20
     crops, targets, _ = ldata.central_crops(data, 40, 32)  # the training view of real images
     assert crops.shape[1:3] == (32, 32) and targets.shape == (len(crops), 4)
+    assert crops.dtype == np.float32 and 0.0 <= crops.min() and crops.max() <= 1.0
+    config = tiny_config(dataset="voc/2007", train_split="train", batch_size=2)
+    config.image_size, config.train_scale_min, config.localization.limit = 32, 40, 3
+    with tfds.testing.mock_data(num_examples=3):
+        batch = next(localize.train_batches(config))  # crops kept as uint8, served as floats
+    assert batch["image"].shape == (2, 32, 32, 3) and batch["image"].dtype == np.float32
+    assert 0.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+    assert batch["image"].max() > 0.0 and batch["target"].shape == (2, 4)
+    config.batch_size = 4
+    with tfds.testing.mock_data(num_examples=3), pytest.raises(ValueError, match="batch_size"):
+        next(localize.train_batches(config))
     with tfds.testing.mock_data(num_examples=2), pytest.raises(ValueError, match="objects"):
         ldata.tfds_localization_set("mnist", "train")
 

@@ -46,7 +46,12 @@ ITEM_THRESHOLD = 25
 
 @dataclasses.dataclass
 class LocalizationSet:
-    """Images (H, W, C) in [0, 1], with per-image (K, 4) corner boxes and (K,) labels."""
+    """Images (H, W, C), with per-image (K, 4) corner boxes and (K,) labels.
+
+    Images are uint8 (tfds sets: a quarter of float32's memory, 3 GB rather
+    than 11 for VOC 2007 trainval) or floats in [0, 1] (canvases); `unit_float`
+    gives either as float32 in [0, 1].
+    """
 
     images: list[np.ndarray]
     boxes: list[np.ndarray]
@@ -70,6 +75,13 @@ class LocalizationSet:
     @property
     def channels(self) -> int:
         return int(self.images[0].shape[-1])
+
+
+def unit_float(image: np.ndarray) -> np.ndarray:
+    """float32 pixels in [0, 1] from uint8 ones (0-255); float images pass unchanged."""
+    if image.dtype == np.uint8:
+        return image.astype(np.float32) / 255.0
+    return np.asarray(image, np.float32)
 
 
 # ---------------------------------------------------------------------------
@@ -190,7 +202,7 @@ def tfds_localization_set(
         ds = ds.take(limit)
     images, box_list, label_list = [], [], []
     for ex in tfds.as_numpy(ds):
-        images.append(np.asarray(ex["image"], np.float32) / 255.0)
+        images.append(np.asarray(ex["image"]))  # uint8, as stored
         box_list.append(np.asarray(ex["objects"]["bbox"], np.float32).reshape(-1, 4))
         label_list.append(np.asarray(ex["objects"]["label"], np.int32).reshape(-1))
     if not images:
@@ -218,6 +230,7 @@ def central_crop(image: np.ndarray, scale: int, size: int) -> tuple[np.ndarray, 
     """
     from vgg_jax.evaluate import rescaled_size, resize_image
 
+    image = unit_float(image)
     h, w = image.shape[:2]
     rh, rw = rescaled_size(h, w, scale)
     rescaled = image if (rh, rw) == (h, w) else resize_image(image, rh, rw)

@@ -171,15 +171,23 @@ def train_batches(config, start_step: int = 0) -> Iterator[dict[str, np.ndarray]
     """Infinite training batches {'image', 'target', 'label'}: central crops at fixed S.
 
     Canvases: new ones every step, a pure function of (seed, step). tfds sets:
-    crops computed once (a fixed-S central crop has no randomness), reshuffled
-    each epoch. Optional horizontal flips mirror the target's centre.
+    crops computed once (a fixed-S central crop has no randomness) and kept as
+    uint8 (a quarter of float32's memory), reshuffled each epoch. Optional
+    horizontal flips mirror the target's centre.
     """
     loc, size, scale = config.localization, config.image_size, config.train_scale_min
     n = config.batch_size
     fixed = None
     if config.dataset != CANVAS_DATASET:
         data = load_set(config, config.train_split, int(loc.limit), 0, (1, 1), 0)
-        fixed = ldata.central_crops(data, scale, size)
+        crops, targets, labels = ldata.central_crops(data, scale, size)
+        if len(crops) < n:
+            raise ValueError(
+                f"{len(crops)} training images of {config.dataset!r} have boxes, fewer than a "
+                f"batch of {n}: lower config.batch_size or raise localization.limit."
+            )
+        fixed = (np.round(crops * 255.0).astype(np.uint8), targets, labels)
+        del data, crops
     step = start_step
     while True:
         rng = np.random.default_rng([int(config.seed), step, 7])
@@ -197,7 +205,8 @@ def train_batches(config, start_step: int = 0) -> Iterator[dict[str, np.ndarray]
             crops = np.where(flip[:, None, None, None], crops[:, :, ::-1], crops)
             targets = targets.copy()
             targets[flip, 0] = 1.0 - targets[flip, 0]
-        yield {"image": crops, "target": targets.astype(np.float32), "label": labels}
+        image = ldata.unit_float(crops)
+        yield {"image": image, "target": targets.astype(np.float32), "label": labels}
         step += 1
 
 
@@ -627,7 +636,10 @@ def dense_localize(
     merge_iou: float = 0.5,
     batch_size: int = 8,
 ) -> list[list[Prediction]]:
-    """Protocol (2) for each image: its top classes, each with its best merged box."""
+    """Protocol (2) for each image: its top classes, each with its best merged box.
+
+    `images`: HxWxC, uint8 or floats in [0, 1] (`localization_data.unit_float`).
+    """
     size = classifier.model.image_size
     for loc in localizers:
         if loc.member.model.image_size != size:
@@ -636,7 +648,7 @@ def dense_localize(
                 f"{loc.member.model.image_size}, the classifier {size}: their score-map "
                 "positions must coincide; use nets trained at the same image_size."
             )
-    image_set = evaluate.as_image_set(list(images))
+    image_set = evaluate.as_image_set([ldata.unit_float(im) for im in images])
 
     def maps_of(member: evaluate.Member) -> list[dict[int, np.ndarray]]:
         dense = evaluate.DenseEvaluator(
