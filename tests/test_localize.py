@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vgg_jax import boxes, checkpoints, data_sources, localize, models, train
+from vgg_jax import boxes, checkpoints, data_sources, image_io, localize, models, train
 from vgg_jax import localization_data as ldata
 
 CONFIG = os.path.join(
@@ -197,7 +197,7 @@ def test_tfds_localization_source_on_mock_voc():
         data = ldata.tfds_localization_set("voc/2007", "train", limit=2)
     assert len(data) == 2 and data.num_classes == 20 and data.class_names[0] == "aeroplane"
     assert data.images[0].ndim == 3 and data.images[0].dtype == np.uint8  # 1/4 of float32
-    np.testing.assert_array_equal(ldata.unit_float(data.images[0]) * 255, data.images[0])
+    np.testing.assert_array_equal(image_io.unit_float(data.images[0]) * 255, data.images[0])
     assert data.boxes[0].ndim == 2 and data.boxes[0].shape[1] == 4  # mock lengths are random
     assert data.labels[0].dtype == np.int32 and data.labels[0].max() < 20
     crops, targets, _ = ldata.central_crops(data, 40, 32)  # the training view of real images

@@ -28,7 +28,14 @@ def open_image(path: str | os.PathLike, channels: int = 3) -> Image.Image:
     return image
 
 
+def unit_float(image: np.ndarray) -> np.ndarray:
+    """float32 pixels in [0, 1] from uint8 ones (0-255); float images pass unchanged."""
+    if image.dtype == np.uint8:
+        return image.astype(np.float32) / 255.0
+    return np.asarray(image, np.float32)
+
+
 def load_image(path: str | os.PathLike, channels: int = 3) -> np.ndarray:
     """The image at `path` as float32 (H, W, channels) in [0, 1] (see `open_image`)."""
-    pixels = np.asarray(open_image(path, channels), np.float32) / 255.0
+    pixels = unit_float(np.asarray(open_image(path, channels)))
     return pixels[..., None] if pixels.ndim == 2 else pixels

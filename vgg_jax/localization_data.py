@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from vgg_jax import boxes, data_sources
+from vgg_jax.image_io import unit_float
 
 FASHION_MNIST_CLASSES = (
     "T-shirt/top",
@@ -50,7 +51,7 @@ class LocalizationSet:
 
     Images are uint8 (tfds sets: a quarter of float32's memory, 3 GB rather
     than 11 for VOC 2007 trainval) or floats in [0, 1] (canvases); `unit_float`
-    gives either as float32 in [0, 1].
+    (`image_io`) gives either as float32 in [0, 1].
     """
 
     images: list[np.ndarray]
@@ -75,13 +76,6 @@ class LocalizationSet:
     @property
     def channels(self) -> int:
         return int(self.images[0].shape[-1])
-
-
-def unit_float(image: np.ndarray) -> np.ndarray:
-    """float32 pixels in [0, 1] from uint8 ones (0-255); float images pass unchanged."""
-    if image.dtype == np.uint8:
-        return image.astype(np.float32) / 255.0
-    return np.asarray(image, np.float32)
 
 
 # ---------------------------------------------------------------------------

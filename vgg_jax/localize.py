@@ -205,7 +205,7 @@ def train_batches(config, start_step: int = 0) -> Iterator[dict[str, np.ndarray]
             crops = np.where(flip[:, None, None, None], crops[:, :, ::-1], crops)
             targets = targets.copy()
             targets[flip, 0] = 1.0 - targets[flip, 0]
-        image = ldata.unit_float(crops)
+        image = image_io.unit_float(crops)
         yield {"image": image, "target": targets.astype(np.float32), "label": labels}
         step += 1
 
@@ -638,7 +638,7 @@ def dense_localize(
 ) -> list[list[Prediction]]:
     """Protocol (2) for each image: its top classes, each with its best merged box.
 
-    `images`: HxWxC, uint8 or floats in [0, 1] (`localization_data.unit_float`).
+    `images`: HxWxC, uint8 or floats in [0, 1] (`image_io.unit_float`).
     """
     size = classifier.model.image_size
     for loc in localizers:
@@ -648,7 +648,7 @@ def dense_localize(
                 f"{loc.member.model.image_size}, the classifier {size}: their score-map "
                 "positions must coincide; use nets trained at the same image_size."
             )
-    image_set = evaluate.as_image_set([ldata.unit_float(im) for im in images])
+    image_set = evaluate.as_image_set([image_io.unit_float(im) for im in images])
 
     def maps_of(member: evaluate.Member) -> list[dict[int, np.ndarray]]:
         dense = evaluate.DenseEvaluator(

@@ -24,7 +24,7 @@ from PIL import Image
 
 from vgg_jax import checkpoints, imagenet_classes
 from vgg_jax.checkpoints import ModelBundle
-from vgg_jax.image_io import open_image
+from vgg_jax.image_io import open_image, unit_float
 
 DENSE_SCALES = (256, 384, 512)
 
@@ -104,7 +104,7 @@ def predict(
     grey = np.shape(bundle.variables["params"]["features"]["conv1_1"]["kernel"])[2] == 1
     images = [open_image(p, 1 if grey else 3) for p in paths]
     if dense:
-        pixels = [np.asarray(im, np.float32) / 255.0 for im in images]
+        pixels = [unit_float(np.asarray(im)) for im in images]
         pixels = [p[..., None] if p.ndim == 2 else p for p in pixels]
         probs = dense_probabilities(bundle, pixels, scales)
     else:

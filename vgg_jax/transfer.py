@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from vgg_jax import checkpoints, features, fileio
+from vgg_jax import checkpoints, features, fileio, image_io
 
 Log = Callable[[str], None]
 # LinearSVC regularisation values tried on the held-out 20% (the paper does not list its grid).
@@ -129,7 +129,7 @@ def load_split(
             deterministic=True,
         )
     )
-    decoded = [np.asarray(im, np.float32) / 255.0 for im in images.as_numpy_iterator()]
+    decoded = [image_io.unit_float(im) for im in images.as_numpy_iterator()]
     return LabelledImages(_stack_if_same_size(decoded), labels[keep])
 
 
