@@ -9,7 +9,7 @@ d2l) in its default layout and, unless `--no-channels-last`, channels-last
 (not the seed's, but the faster PyTorch on CPU). Both read Debian's
 Fashion-MNIST files and train the same number of epochs (or `--limit-steps`
 steps per epoch) at batch 64, lr 0.01; test accuracy is over the whole
-test split.
+test split (or its first `--limit-test` batches of 64, the same images in both).
 
 Training images/s: PyTorch's is the seed's own timer (step and metric update,
 data loading excluded, as d2l's `train_ch6` measures). Ours is the median of
@@ -36,6 +36,7 @@ from benchmarks import common
 from benchmarks.quick_demo import load_config
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+SEED_BATCH = 64  # the seed script's batch, for training and testing
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -43,6 +44,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--resolution", type=int, default=32)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--limit-steps", type=int, default=0, help="train steps per epoch (0: all)")
+    p.add_argument(
+        "--limit-test", type=int, default=0, help="test batches of 64, the seed's (0: all)"
+    )
     p.add_argument("--data-dir", default="", help="Fashion-MNIST IDX files (default: Debian's)")
     p.add_argument("--no-channels-last", action="store_true", help="skip PyTorch channels-last")
     p.add_argument("--output", default="", help="JSON lines file (default: benchmarks/results/)")
@@ -58,6 +62,8 @@ def ours(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
     config.eval_scale = args.resolution
     config.num_epochs = args.epochs
     config.eval_batch_size = 1000
+    if args.limit_test:  # the same first images the seed script's first batches hold
+        config.eval_split = f"test[:{args.limit_test * SEED_BATCH}]"
     config.manual_dir = args.data_dir
     config.progress_bar = False
     config.tensorboard = False
@@ -88,7 +94,7 @@ def pytorch(args: argparse.Namespace, channels_last: bool) -> dict[str, Any]:
     from benchmarks import seed_pytorch
 
     argv = ["--resolution", str(args.resolution), "--epochs", str(args.epochs)]
-    argv += ["--limit-steps", str(args.limit_steps)]
+    argv += ["--limit-steps", str(args.limit_steps), "--limit-test", str(args.limit_test)]
     argv += ["--data-dir", args.data_dir or seed_pytorch.DEFAULT_DATA]
     argv += ["--channels-last"] if channels_last else []
     result = seed_pytorch.main(argv)
@@ -136,6 +142,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         "resolution": args.resolution,
         "epochs": args.epochs,
         "limit_steps": args.limit_steps,
+        "limit_test": args.limit_test,
         "rows": rows,
     }
     path = args.output or os.path.join(

@@ -69,7 +69,8 @@ def test_seed_compare_runs_both_implementations(tmp_path, capsys):
     from benchmarks import seed_compare
 
     out = tmp_path / "compare.jsonl"
-    argv = ["--epochs", "1", "--limit-steps", "10", "--no-channels-last", "--output", str(out)]
+    argv = ["--epochs", "1", "--limit-steps", "10", "--limit-test", "16", "--no-channels-last"]
+    argv += ["--output", str(out)]
     rows = seed_compare.main(argv)
     assert [r["impl"] for r in rows] == ["vgg_jax", "seed_pytorch"]
     assert rows[0]["steps"] == 10
@@ -77,4 +78,4 @@ def test_seed_compare_runs_both_implementations(tmp_path, capsys):
         assert r["images_per_s"] > 0 and 0.0 <= r["test_acc"] <= 1.0
     assert "| vgg_jax |" in capsys.readouterr().out
     record = json.loads(out.read_text())
-    assert record["resolution"] == 32 and len(record["rows"]) == 2
+    assert record["resolution"] == 32 and len(record["rows"]) == 2 and record["limit_test"] == 16
