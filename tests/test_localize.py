@@ -203,6 +203,9 @@ def test_tfds_localization_source_on_mock_voc():
     crops, targets, _ = ldata.central_crops(data, 40, 32)  # the training view of real images
     assert crops.shape[1:3] == (32, 32) and targets.shape == (len(crops), 4)
     assert crops.dtype == np.float32 and 0.0 <= crops.min() and crops.max() <= 1.0
+    quantised, same_targets, _ = ldata.central_crops(data, 40, 32, as_uint8=True)
+    assert quantised.dtype == np.uint8 and np.array_equal(same_targets, targets)
+    np.testing.assert_allclose(image_io.unit_float(quantised), crops, atol=0.5 / 255 + 1e-6)
     config = tiny_config(dataset="voc/2007", train_split="train", batch_size=2)
     config.image_size, config.train_scale_min, config.localization.limit = 32, 40, 3
     with tfds.testing.mock_data(num_examples=3):

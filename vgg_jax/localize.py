@@ -180,14 +180,13 @@ def train_batches(config, start_step: int = 0) -> Iterator[dict[str, np.ndarray]
     fixed = None
     if config.dataset != CANVAS_DATASET:
         data = load_set(config, config.train_split, int(loc.limit), 0, (1, 1), 0)
-        crops, targets, labels = ldata.central_crops(data, scale, size)
-        if len(crops) < n:
+        fixed = ldata.central_crops(data, scale, size, as_uint8=True)
+        del data
+        if len(fixed[0]) < n:
             raise ValueError(
-                f"{len(crops)} training images of {config.dataset!r} have boxes, fewer than a "
+                f"{len(fixed[0])} training images of {config.dataset!r} have boxes, fewer than a "
                 f"batch of {n}: lower config.batch_size or raise localization.limit."
             )
-        fixed = (np.round(crops * 255.0).astype(np.uint8), targets, labels)
-        del data, crops
     step = start_step
     while True:
         rng = np.random.default_rng([int(config.seed), step, 7])

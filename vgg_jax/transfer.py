@@ -519,7 +519,7 @@ def run_experiment(config: Any, workdir: str, log: Log = _stderr) -> dict[str, A
     canvas_scale_range (`on_canvases`; canvas_size 0 = the images as they are),
     output (the results' JSON file in workdir).
     """
-    from vgg_jax import fileio, train
+    from vgg_jax import train
 
     t = config.transfer
     overlap = set(config.source.classes) & set(t.target_classes)
