@@ -35,7 +35,12 @@ def unit_float(image: np.ndarray) -> np.ndarray:
     return np.asarray(image, np.float32)
 
 
+def pixels(image: Image.Image) -> np.ndarray:
+    """A PIL "RGB" or "L" image as float32 (H, W, 3 or 1) in [0, 1]."""
+    array = unit_float(np.asarray(image))
+    return array[..., None] if array.ndim == 2 else array
+
+
 def load_image(path: str | os.PathLike, channels: int = 3) -> np.ndarray:
     """The image at `path` as float32 (H, W, channels) in [0, 1] (see `open_image`)."""
-    pixels = unit_float(np.asarray(open_image(path, channels)))
-    return pixels[..., None] if pixels.ndim == 2 else pixels
+    return pixels(open_image(path, channels))

@@ -24,7 +24,7 @@ from PIL import Image
 
 from vgg_jax import checkpoints, imagenet_classes
 from vgg_jax.checkpoints import ModelBundle
-from vgg_jax.image_io import open_image, unit_float
+from vgg_jax.image_io import open_image, pixels
 
 DENSE_SCALES = (256, 384, 512)
 
@@ -32,8 +32,8 @@ DENSE_SCALES = (256, 384, 512)
 def central_crop(image: Image.Image | np.ndarray, image_size: int = 224) -> np.ndarray:
     """Smallest side to image_size * 256 / 224 (bilinear), then the central square; [0, 1]."""
     if isinstance(image, np.ndarray):
-        pixels = np.uint8(np.clip(image, 0, 1) * 255 + 0.5)
-        image = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
+        quantised = np.uint8(np.clip(image, 0, 1) * 255 + 0.5)
+        image = Image.fromarray(quantised[..., 0] if quantised.shape[-1] == 1 else quantised)
     side = round(image_size * 256 / 224)
     w, h = image.size
     scale = side / min(w, h)
@@ -41,8 +41,7 @@ def central_crop(image: Image.Image | np.ndarray, image_size: int = 224) -> np.n
     image = image.resize(size, Image.BILINEAR)
     left, top = (size[0] - image_size) // 2, (size[1] - image_size) // 2
     image = image.crop((left, top, left + image_size, top + image_size))
-    pixels = np.asarray(image, np.float32) / 255.0
-    return pixels[..., None] if pixels.ndim == 2 else pixels
+    return pixels(image)
 
 
 def class_names(bundle: ModelBundle) -> list[str]:
@@ -104,9 +103,7 @@ def predict(
     grey = np.shape(bundle.variables["params"]["features"]["conv1_1"]["kernel"])[2] == 1
     images = [open_image(p, 1 if grey else 3) for p in paths]
     if dense:
-        pixels = [unit_float(np.asarray(im)) for im in images]
-        pixels = [p[..., None] if p.ndim == 2 else p for p in pixels]
-        probs = dense_probabilities(bundle, pixels, scales)
+        probs = dense_probabilities(bundle, [pixels(im) for im in images], scales)
     else:
         crops = np.stack([central_crop(im, bundle.image_size) for im in images])
         probs = single_crop_probabilities(bundle, crops)
