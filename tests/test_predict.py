@@ -44,6 +44,13 @@ def test_load_image_any_mode(image_files, tmp_path):
         image_io.load_image(str(junk))
 
 
+def test_uint8_and_unit_float_invert_each_other():
+    every_level = np.arange(256, dtype=np.uint8)
+    np.testing.assert_array_equal(image_io.to_uint8(image_io.unit_float(every_level)), every_level)
+    # Out-of-range floats are clipped, never wrapped around (256 -> 0).
+    np.testing.assert_array_equal(image_io.to_uint8(np.array([-0.1, 0.4, 1.01])), [0, 102, 255])
+
+
 def test_central_crop_takes_the_centre():
     # A white image with a black centre square of side 100 in a 200 x 400 image.
     img = np.ones((200, 400, 3), np.float32)

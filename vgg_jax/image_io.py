@@ -35,6 +35,11 @@ def unit_float(image: np.ndarray) -> np.ndarray:
     return np.asarray(image, np.float32)
 
 
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """uint8 pixels (0-255) from floats in [0, 1], clipped and rounded: `unit_float`'s inverse."""
+    return np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
 def pixels(image: Image.Image) -> np.ndarray:
     """A PIL "RGB" or "L" image as float32 (H, W, 3 or 1) in [0, 1]."""
     array = unit_float(np.asarray(image))

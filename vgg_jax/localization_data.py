@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from vgg_jax import boxes, data_sources
-from vgg_jax.image_io import unit_float
+from vgg_jax.image_io import to_uint8, unit_float
 
 FASHION_MNIST_CLASSES = (
     "T-shirt/top",
@@ -252,7 +252,7 @@ def central_crops(
         crop, (top, left, height, width, rh, rw) = central_crop(image, scale, size)
         in_crop = boxes.image_to_crop(bxs, (top, left, height, width), (rh, rw))
         best = int(np.argmax(boxes.area(boxes.clip(in_crop))))
-        crops.append(np.round(crop * 255.0).astype(np.uint8) if as_uint8 else crop)
+        crops.append(to_uint8(crop) if as_uint8 else crop)
         targets.append(boxes.encode(in_crop[best]))
         labels.append(lbls[best])
     if not crops:

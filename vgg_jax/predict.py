@@ -24,7 +24,7 @@ from PIL import Image
 
 from vgg_jax import checkpoints, imagenet_classes
 from vgg_jax.checkpoints import ModelBundle
-from vgg_jax.image_io import open_image, pixels
+from vgg_jax.image_io import open_image, pixels, to_uint8
 
 DENSE_SCALES = (256, 384, 512)
 
@@ -32,7 +32,7 @@ DENSE_SCALES = (256, 384, 512)
 def central_crop(image: Image.Image | np.ndarray, image_size: int = 224) -> np.ndarray:
     """Smallest side to image_size * 256 / 224 (bilinear), then the central square; [0, 1]."""
     if isinstance(image, np.ndarray):
-        quantised = np.uint8(np.clip(image, 0, 1) * 255 + 0.5)
+        quantised = to_uint8(image)
         image = Image.fromarray(quantised[..., 0] if quantised.shape[-1] == 1 else quantised)
     side = round(image_size * 256 / 224)
     w, h = image.size

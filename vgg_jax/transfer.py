@@ -500,7 +500,7 @@ def on_canvases(
     """
     from vgg_jax import localization_data
 
-    items = np.round(np.asarray(data.images) * 255).astype(np.uint8)
+    items = image_io.to_uint8(np.asarray(data.images))
     rng = np.random.default_rng(seed)
     canvases, _ = localization_data.paste_all(items, size, tuple(scale_range), rng)
     return LabelledImages(np.stack(canvases), data.labels)
