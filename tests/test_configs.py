@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from vgg_jax import train
+from vgg_jax import configuration, train
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 PAPER = ("vgg11", "vgg11_lrn", "vgg13", "vgg16_c", "vgg16", "vgg19")
@@ -37,7 +37,7 @@ def test_paper_configs_and_scale_variants(name):
     assert (jitter.train_scale_min, jitter.train_scale_max) == (256, 512)
     assert jitter.init_from.endswith(f"{name}_384")
     for config in (base, s384, jitter):
-        train.validate_config(config)
+        configuration.validate_config(config)
     with pytest.raises(ValueError, match="Unknown variant"):
         load(name, "512")
 
@@ -53,7 +53,7 @@ def test_fashion_mnist_seed_setup():
     quick = load("fashion_mnist", "quick")
     assert quick.image_size == 32 and quick.fc_width == 4096 and quick.width_divisor == 4
     for config in (c, d2l, quick):
-        train.validate_config(config)
+        configuration.validate_config(config)
 
 
 def test_seed_model_has_the_seed_scripts_layer_shapes():

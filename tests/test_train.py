@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vgg_jax import checkpoints, metrics, parallel, train
+from vgg_jax import checkpoints, configuration, metrics, parallel, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "train_worker.py")
@@ -264,7 +264,7 @@ def test_config_typo_names_the_nearest_field(tmp_path):
     config = fake_data.tiny_config()
     config.learning_rte = 0.1
     with pytest.raises(ValueError, match=r"'learning_rte'.*Did you mean 'learning_rate'"):
-        train.validate_config(config)
+        configuration.validate_config(config)
     with pytest.raises(ValueError, match=r"Unknown model name 'vgg17'"):
         _train(tmp_path, model="vgg17")
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from weights_util import random_variables
 
-from vgg_jax import checkpoints, data_sources, features, models, train, transfer
+from vgg_jax import checkpoints, configuration, data_sources, features, models, train, transfer
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 needs_fashion_mnist = pytest.mark.skipif(
@@ -129,7 +129,7 @@ def test_experiment_config_variants_are_valid_training_configs():
     for variant in ("default", "canvas", "tiny"):
         path = os.path.join(CONFIGS, f"transfer_fashion_mnist.py:{variant}")
         config = transfer.load_experiment_config(path)
-        train.validate_config(config.source)
+        configuration.validate_config(config.source)
         assert not set(config.source.classes) & set(config.transfer.target_classes)
         assert config.source.num_classes == len(config.source.classes)
     with pytest.raises(ValueError, match="Unknown variant"):

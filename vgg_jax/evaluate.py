@@ -857,10 +857,10 @@ def _base_config(args: argparse.Namespace) -> Any:
 
     if args.workdir and fileio.isfile(fileio.join(args.workdir, checkpoints.CONFIG_FILE)):
         return ml_collections.ConfigDict(checkpoints.read_run_config(args.workdir))
-    from vgg_jax import train
+    from vgg_jax import configuration
 
     path = args.config or os.path.join(os.path.dirname(__file__), "..", "configs", "default.py")
-    return train.load_config_file(
+    return configuration.load_config_file(
         path,
         "; pass --config configs/<experiment>.py (the data settings of the run) or --workdir "
         "of a training run",

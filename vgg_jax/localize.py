@@ -58,7 +58,17 @@ import ml_collections
 import numpy as np
 import optax
 
-from vgg_jax import boxes, checkpoints, evaluate, fileio, image_io, models, parallel, train
+from vgg_jax import (
+    boxes,
+    checkpoints,
+    configuration,
+    evaluate,
+    fileio,
+    image_io,
+    models,
+    parallel,
+    train,
+)
 from vgg_jax import localization_data as ldata
 from vgg_jax import metrics as metrics_lib
 
@@ -112,7 +122,7 @@ def model_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """The trainer's checks plus the localisation fields'."""
-    train.validate_config(config)
+    configuration.validate_config(config)
     loc = config.get("localization")
     if loc is None:
         raise ValueError(
@@ -140,7 +150,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 def load_config(path: str) -> ml_collections.ConfigDict:
     """A config file FILE.py[:variant] (its get_config)."""
-    return train.load_config_file(path)
+    return configuration.load_config_file(path)
 
 
 # ---------------------------------------------------------------------------
@@ -880,7 +890,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         flags.DEFINE_string("scales", "", "evaluate: test scales Q, comma-separated.")
         flags.DEFINE_string("output", "", "evaluate: write the report as JSON here.")
         flags.mark_flags_as_required(["config", "workdir"])
-        app.run(_absl_main, argv=argv, flags_parser=train._parse_flags)
+        app.run(_absl_main, argv=argv, flags_parser=configuration.parse_flags)
     else:
         image_main(argv[1:])
 

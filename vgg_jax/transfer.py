@@ -645,10 +645,10 @@ def _floats(text: str, flag: str) -> tuple[float, ...]:
 
 def load_experiment_config(path: str) -> Any:
     """get_config(variant) of a config FILE[:variant]; a missing file ends the command."""
-    from vgg_jax import train
+    from vgg_jax import configuration
 
     try:
-        return train.load_config_file(path, " (e.g. configs/transfer_fashion_mnist.py)")
+        return configuration.load_config_file(path, " (e.g. configs/transfer_fashion_mnist.py)")
     except FileNotFoundError as e:
         raise SystemExit(str(e)) from None
 
