@@ -80,6 +80,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.progress_bar = True
     c.tensorboard = True  # event files in workdir/tensorboard beside metrics.jsonl
     c.num_devices = 0  # 0 = all devices; n = the first n (single-process tests, benchmarks)
+    # Resuming a workdir with a config that differs from its config.json in a field that
+    # changes the experiment (anything but vgg_jax.configuration.RESUMABLE_FIELDS) is
+    # refused; True continues anyway with the new config and rewrites config.json.
+    c.resume_override = False
 
     # Multi-host (vgg_jax.parallel): a coordinator address turns on
     # jax.distributed.initialize; "" falls back to VGG_JAX_COORDINATOR etc.

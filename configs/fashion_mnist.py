@@ -10,15 +10,7 @@
 * `:d2l`: the d2l book's settings (lr 0.05, batch 128) at 224.
 """
 
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location(
-    "vgg_jax_configs_default",
-    os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py"),
-)
-_default = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_default)
+from configs import default
 
 VARIANTS = ("seed", "quick", "d2l")
 
@@ -27,7 +19,7 @@ def get_config(variant=None):
     variant = (variant or "seed").strip()
     if variant not in VARIANTS:
         raise ValueError(f"Unknown variant {variant!r}; choose one of {VARIANTS}.")
-    c = _default.get_config()
+    c = default.get_config()
     c.model = "vgg11"
     c.num_classes = 10
     c.width_divisor = 4

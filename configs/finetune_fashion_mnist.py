@@ -20,15 +20,7 @@ a laptop CPU), `:224` (the original resolution: prepare the bundle without
 --image-size; needs an accelerator).
 """
 
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location(
-    "vgg_jax_configs_default",
-    os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py"),
-)
-_default = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_default)
+from configs import default
 
 VARIANTS = ("default", "quick", "224")
 
@@ -37,7 +29,7 @@ def get_config(variant=None):
     variant = (variant or "default").strip()
     if variant not in VARIANTS:
         raise ValueError(f"Unknown variant {variant!r}; choose one of {VARIANTS}.")
-    c = _default.get_config()
+    c = default.get_config()
     c.model = "vgg16"
     c.num_classes = 10  # a new head; the ImageNet fc8 is not copied
     c.width_divisor = 1

@@ -18,17 +18,8 @@ Q in {32, 64}. Fine-tuning runs at lr 1e-2 (the paper: 1e-3; see the comment bel
 measured figures in benchmarks/RESULTS.md.
 """
 
-import importlib.util
-import os
-
-import ml_collections
-
-_spec = importlib.util.spec_from_file_location(
-    "vgg_jax_configs_default",
-    os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py"),
-)
-_default = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_default)
+from configs import default
+from vgg_jax import localize_config
 
 VARIANTS = ("default", "classifier", "pcr", "fc", "quick", "tiny")
 
@@ -37,7 +28,7 @@ def get_config(variant=None):
     variant = (variant or "default").strip()
     if variant not in VARIANTS:
         raise ValueError(f"Unknown variant {variant!r}; choose one of {VARIANTS}.")
-    c = _default.get_config()
+    c = default.get_config()
     c.model = "vgg11_bn"
     c.num_classes = 10  # object classes; the net's outputs follow the head (4, 40 or 10)
     c.width_divisor = 4
@@ -68,21 +59,9 @@ def get_config(variant=None):
     c.init_from = "runs/loc_classifier"
     c.init_from_mode = "same"
 
-    loc = c.localization = ml_collections.ConfigDict()
-    loc.task = "localize"  # or "classify" (the rating classifier)
-    loc.head = "scr"  # "scr": one box; "pcr": one box per class
-    loc.fine_tune = "all"  # or "fc": only the FC layers
-    loc.classifier = ""  # the net rating boxes in protocol (2); "" = init_from
-    loc.canvas_size = 32  # training and protocol (1) canvases
-    loc.scale_range = (0.4, 1.0)  # item side / canvas side
-    loc.epoch_size = 20_000  # canvases per epoch (drawn afresh every step)
-    loc.limit = 0  # tfds sets: examples read (0 = all)
-    loc.num_eval = 2000  # protocol (1) canvases
-    loc.test_canvas_size = 64  # protocol (2) canvases
-    loc.test_scale_range = (0.3, 0.8)
-    loc.num_dense_eval = 1000
-    loc.dense_scales = (32,)  # measured best here (RESULTS.md); 64 gives non-overlapping windows
-    loc.merge_iou = 0.5
+    # Every field of the localisation block, with this experiment's values and what each
+    # means: vgg_jax/localize_config.py (its schema; unknown fields there are refused).
+    loc = c.localization = localize_config.defaults()
 
     if variant == "classifier":
         loc.task = "classify"

@@ -20,16 +20,7 @@ The remaining fields are those of configs/localize_fashion_mnist.py (the
 measured offline experiment) and the trainer's (configs/default.py).
 """
 
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location(
-    "vgg_jax_configs_localize_fashion_mnist",
-    os.path.join(os.path.dirname(os.path.abspath(__file__)), "localize_fashion_mnist.py"),
-)
-_canvas = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_canvas)
-_default = _canvas._default
+from configs import default, localize_fashion_mnist
 
 VARIANTS = ("256", "384", "pcr", "fc", "classifier")
 
@@ -38,7 +29,7 @@ def get_config(variant=None):
     variant = (variant or "256").strip()
     if variant not in VARIANTS:
         raise ValueError(f"Unknown variant {variant!r}; choose one of {VARIANTS}.")
-    c = _canvas.get_config()
+    c = localize_fashion_mnist.get_config()
     c.model = "vgg16"
     c.num_classes = 20  # object classes (VOC); the net's outputs follow the head
     c.width_divisor = 1
@@ -51,7 +42,7 @@ def get_config(variant=None):
     c.image_size = 224
     c.train_scale_min = c.train_scale_max = c.eval_scale = 384 if variant == "384" else 256
     c.value_range = 255.0
-    c.mean_rgb = _default.IMAGENET_MEAN_RGB
+    c.mean_rgb = default.IMAGENET_MEAN_RGB
     c.std_rgb = (1.0, 1.0, 1.0)
 
     c.batch_size = 256

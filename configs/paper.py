@@ -14,28 +14,18 @@ Train the stages in order, each in its own workdir, e.g.
 `--config.init_from=...` points a stage elsewhere.
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
+from configs import default
+
 VARIANTS = ("256", "384", "jitter")
-
-
-def load_sibling(name: str):
-    """A module of this directory, loaded by path (config files are not a package)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name + ".py")
-    spec = importlib.util.spec_from_file_location(f"vgg_jax_configs_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def paper_config(model: str, variant: str | None) -> ml_collections.ConfigDict:
     variant = (variant or "256").strip()
     if variant not in VARIANTS:
         raise ValueError(f"Unknown variant {variant!r} for {model}; choose one of {VARIANTS}.")
-    c = load_sibling("default").get_config()
+    c = default.get_config()
     c.model = model
     c.dataset = "imagenet2012"
     c.batch_size = 256

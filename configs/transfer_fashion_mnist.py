@@ -16,17 +16,9 @@ network on slices of the splits, target items at half that size on the same
 canvases, for the test suite).
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
-_spec = importlib.util.spec_from_file_location(
-    "vgg_jax_configs_default",
-    os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py"),
-)
-_default = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_default)
+from configs import default
 
 VARIANTS = ("default", "canvas", "tiny")
 # Fashion-MNIST labels: 0 T-shirt/top, 1 trouser, 2 pullover, 3 dress, 4 coat, 5 sandal,
@@ -36,7 +28,7 @@ TARGET_CLASSES = (5, 6, 7, 8, 9)  # footwear, shirt, bag
 
 
 def source_config(variant: str) -> ml_collections.ConfigDict:
-    c = _default.get_config()
+    c = default.get_config()
     c.model = "vgg11_bn"
     c.classes = SOURCE_CLASSES
     c.num_classes = len(SOURCE_CLASSES)

@@ -3,18 +3,11 @@
 Variants: `configs/vgg13.py:256` (default), `:384`, `:jitter` (see configs/paper.py).
 """
 
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location(
-    "vgg_jax_configs_paper", os.path.join(os.path.dirname(os.path.abspath(__file__)), "paper.py")
-)
-_paper = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_paper)
+from configs import paper
 
 
 def get_config(variant=None):
-    c = _paper.paper_config("vgg13", variant)
+    c = paper.paper_config("vgg13", variant)
     if not c.init_from:
         c.initializer = "glorot"  # the authors later found Glorot init trains deep nets directly
         # The paper instead copied net A's first four convs and FC layers at S=256:

@@ -65,6 +65,7 @@ from vgg_jax import (
     evaluate,
     fileio,
     image_io,
+    localize_config,
     models,
     parallel,
     train,
@@ -72,11 +73,10 @@ from vgg_jax import (
 from vgg_jax import localization_data as ldata
 from vgg_jax import metrics as metrics_lib
 
-TASKS = ("localize", "classify")
-HEADS = ("scr", "pcr")
-FINE_TUNE = ("all", "fc")
+# The config block's choices live with its schema (vgg_jax/localize_config.py).
+TASKS, HEADS, FINE_TUNE = localize_config.TASKS, localize_config.HEADS, localize_config.FINE_TUNE
+SCHEDULES = localize_config.SCHEDULES
 CANVAS_DATASET = "fashion_mnist_canvas"
-SCHEDULES = ("step", "cosine", "constant")
 # Canvas seeds beside the training steps' (0, 1, 2, ...): protocol (1)'s and (2)'s test sets.
 CENTRAL_SALT, DENSE_SALT = 2**31 - 1, 2**31 - 2
 
@@ -121,31 +121,8 @@ def model_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-    """The trainer's checks plus the localisation fields'."""
-    configuration.validate_config(config)
-    loc = config.get("localization")
-    if loc is None:
-        raise ValueError(
-            "The config has no 'localization' field; start from configs/localize_fashion_mnist.py."
-        )
-    for key, valid in (("task", TASKS), ("head", HEADS), ("fine_tune", FINE_TUNE)):
-        if loc[key] not in valid:
-            raise ValueError(f"config.localization.{key}={loc[key]!r}; choose one of {valid}.")
-    if config.schedule not in SCHEDULES:
-        raise ValueError(
-            f"config.schedule={config.schedule!r}: localisation training supports {SCHEDULES} "
-            "(no validation accuracy drives a plateau schedule here)."
-        )
-    if loc.fine_tune == "fc" and not config.init_from:
-        raise ValueError(
-            "localization.fine_tune='fc' trains only the FC layers, so the conv layers must "
-            "come from a classification net: set config.init_from."
-        )
-    if config.train_scale_min != config.train_scale_max:
-        raise ValueError(
-            "Localisation trains at a fixed scale S (the paper's Appendix A): set "
-            "train_scale_max = train_scale_min."
-        )
+    """The classification checks plus config.localization's schema (localize_config.py)."""
+    configuration.validate_config(config, task=localize_config.NAME)
 
 
 def load_config(path: str) -> ml_collections.ConfigDict:
