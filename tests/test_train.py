@@ -399,18 +399,3 @@ def test_metrics_file_and_curves(tmp_path):
     assert png.ndim == 3 and png.shape[0] > 100
     with open(tmp_path / "config.json") as f:
         assert json.load(f)["model"] == "vgg11"
-
-
-def test_per_epoch_series_average_training_figures_and_take_epoch_end_eval():
-    records = [
-        {"step": 1, "epoch": 0.5, "train_loss": 2.0, "train_accuracy": 0.2},
-        {"step": 2, "epoch": 1.0, "train_loss": 1.0, "train_accuracy": 0.4},
-        {"step": 2, "epoch": 1.0, "eval_top1_accuracy": 0.5},
-        {"step": 3, "epoch": 1.5, "train_loss": 0.5, "train_accuracy": 0.8},
-        {"step": 4, "epoch": 2.0, "train_loss": 0.5, "train_accuracy": 0.8},
-        {"step": 4, "epoch": 2.0, "eval_top1_accuracy": 0.7},
-    ]
-    series = metrics.per_epoch(records)
-    assert series["train_loss"] == [(1.0, 1.5), (2.0, 0.5)]
-    assert series["train_accuracy"] == [(1.0, pytest.approx(0.3)), (2.0, 0.8)]
-    assert series["eval_top1_accuracy"] == [(1.0, 0.5), (2.0, 0.7)]

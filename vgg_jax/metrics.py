@@ -77,12 +77,26 @@ _SCALAR = None
 
 
 class MetricsWriter:
-    """Appends JSON lines to workdir/metrics.jsonl and scalars to TensorBoard event files."""
+    """Appends JSON lines to workdir/metrics.jsonl and scalars to TensorBoard event files.
 
-    def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True):
+    resume_step: the step a run restarts from (0 for a fresh start). The records of
+    later steps, written by a run that was killed or preempted after its last
+    checkpoint, are dropped first (the resumed run writes them again), so that
+    metrics.jsonl holds each step once and in order; see `truncate_metrics`.
+    """
+
+    def __init__(
+        self,
+        workdir: str,
+        enabled: bool = True,
+        tensorboard: bool = True,
+        resume_step: int | None = None,
+    ):
         self.enabled = enabled
         self.path = fileio.join(workdir, METRICS_FILE)
         self._tb = None
+        if enabled and resume_step is not None:
+            truncate_metrics(workdir, resume_step)
         if enabled and tensorboard:
             try:
                 import tensorflow as tf
@@ -115,11 +129,52 @@ class MetricsWriter:
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
-    """All records of workdir/metrics.jsonl (an empty list when there is none)."""
+    """All records of workdir/metrics.jsonl (an empty list when there is none).
+
+    A torn last line (the run was killed while appending it) is ignored; a damaged
+    line before it raises ValueError naming the file and line.
+    """
     path = fileio.join(workdir, METRICS_FILE)
     if not fileio.exists(path):
         return []
-    return [json.loads(line) for line in fileio.read_text(path).splitlines() if line.strip()]
+    lines = [(n, line) for n, line in enumerate(fileio.read_text(path).splitlines(), 1)]
+    lines = [(n, line) for n, line in lines if line.strip()]
+    records = []
+    for i, (n, line) in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                break  # torn by a kill mid-append: the resumed run writes that step again
+            raise ValueError(f"{path} line {n} is not a JSON record ({e.msg}).") from None
+    return records
+
+
+def merge_steps(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per step, in step order; a step's later figures update its earlier ones."""
+    by_step: dict[int, dict[str, Any]] = {}
+    for r in records:
+        by_step.setdefault(int(r["step"]), {}).update(r)
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def truncate_metrics(workdir: str, step: int) -> int:
+    """Keeps only the records of steps <= `step` in workdir/metrics.jsonl, in step order.
+
+    The file is rewritten atomically (never half a file), and only when a record goes
+    or moves or a torn last line is dropped. Records of one step stay as the run wrote
+    them (an evaluation step has a training record and an evaluation record); returns
+    how many remain.
+    """
+    path = fileio.join(workdir, METRICS_FILE)
+    if not fileio.exists(path):
+        return 0
+    records = read_metrics(workdir)
+    kept = sorted((r for r in records if int(r["step"]) <= step), key=lambda r: int(r["step"]))
+    text = "".join(json.dumps(r) + "\n" for r in kept)
+    if kept != records or text != fileio.read_text(path):
+        fileio.write_text_atomic(path, text)
+    return len(kept)
 
 
 def per_epoch(records: list[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
@@ -129,12 +184,8 @@ def per_epoch(records: list[dict[str, Any]]) -> dict[str, list[tuple[float, floa
     accuracy is the evaluation at the epoch's end. A resumed run may log a step
     twice; the later record wins.
     """
-    by_step: dict[int, dict[str, Any]] = {}
-    for r in records:
-        by_step.setdefault(r["step"], {}).update(r)
     sums: dict[str, dict[int, list[float]]] = {}
-    for step in sorted(by_step):
-        r = by_step[step]
+    for r in merge_steps(records):
         bucket = max(1, math.ceil(r["epoch"] - 1e-9))
         for key in ("train_loss", "train_accuracy", "eval_top1_accuracy"):
             if key in r:
