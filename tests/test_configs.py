@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import jax
@@ -16,11 +15,7 @@ PAPER = ("vgg11", "vgg11_lrn", "vgg13", "vgg16_c", "vgg16", "vgg19")
 
 
 def load(name: str, variant: str | None = None):
-    spec = importlib.util.spec_from_file_location(
-        f"cfg_{name}", os.path.join(CONFIGS, name + ".py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = configuration.load_config_module(os.path.join(CONFIGS, name + ".py"))
     return module.get_config(variant)
 
 

@@ -11,7 +11,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vgg_jax import boxes, checkpoints, data_sources, image_io, localize, models, train
+from vgg_jax import (
+    boxes,
+    checkpoints,
+    configuration,
+    data_sources,
+    image_io,
+    localize,
+    models,
+    train,
+)
 from vgg_jax import localization_data as ldata
 
 CONFIG = os.path.join(
@@ -302,12 +311,8 @@ def test_dense_protocol_and_cli_draw_a_png(trained, tmp_path, capsys):
 
 
 def test_every_config_variant_validates_and_bad_fields_are_named():
-    import importlib.util
-
     for path in (CONFIG, PAPER_CONFIG):
-        spec = importlib.util.spec_from_file_location("loc_cfg", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        module = configuration.load_config_module(path)
         for variant in module.VARIANTS:
             localize.validate_config(localize.load_config(f"{path}:{variant}"))
     assert localize.load_config(PAPER_CONFIG + ":384").train_scale_max == 384

@@ -211,7 +211,8 @@ class Schema:
     resumable: tuple[str, ...] = ()
 
 
-_SCHEMAS: dict[str, Schema] = {}
+# The registered task schemas by name; add to it with register_schema.
+SCHEMAS: dict[str, Schema] = {}
 
 
 def register_schema(
@@ -225,7 +226,7 @@ def register_schema(
     if name == CLASSIFICATION or name in EXTRA_FIELDS:
         raise ValueError(f"{name!r} cannot name a task schema.")
     schema = Schema(name, defaults, validate, example, tuple(resumable))
-    _SCHEMAS[name] = schema
+    SCHEMAS[name] = schema
     return schema
 
 
@@ -233,7 +234,7 @@ def schemas() -> dict[str, Schema]:
     """The registered task schemas by name (importing SCHEMA_MODULES first)."""
     for module in SCHEMA_MODULES:
         importlib.import_module(module)
-    return dict(_SCHEMAS)
+    return dict(SCHEMAS)
 
 
 def tasks() -> tuple[str, ...]:
@@ -427,13 +428,13 @@ def check_resume(
 # Explaining a config.
 
 
-def explain(config: ml_collections.ConfigDict) -> list[str]:
-    """One line per field, `*` marking those that differ from the defaults."""
+def explain(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """One line per field (names after `prefix`), `*` marking those not at their default."""
     defaults = default_values()
     lines = []
     for key, value in flatten(as_json(config)).items():
         mark = "*" if defaults.get(key, _ABSENT) != value else " "
-        lines.append(f"{mark} {key} = {value!r}")
+        lines.append(f"{mark} {prefix}{key} = {value!r}")
     return lines
 
 
@@ -456,7 +457,7 @@ def describe(config: ml_collections.ConfigDict) -> list[str]:
     for prefix, part in parts:
         name = prefix.rstrip(".") or "config"
         lines.append(f"# {name}: task {task_of(part)}; * marks a field that is not the default")
-        lines += explain(part)
+        lines += explain(part, prefix)
     if parts != [("", config)]:
         lines.append("# other fields")
         for key, value in flatten(as_json(config)).items():
