@@ -1,6 +1,8 @@
-"""Model bundles: round trip, refusal of other models, damaged files."""
+"""Model bundles and run checkpoints: round trip, other models, damage, fallback, best."""
 
+import json
 import os
+import re
 import shutil
 
 import jax
@@ -74,3 +76,154 @@ def test_damaged_bundle_is_a_clear_error(tmp_path):
         checkpoints.load_bundle(path)
     with pytest.raises(FileNotFoundError, match="not a vgg_jax model bundle"):
         checkpoints.load_bundle(tmp_path)
+
+
+# ---------------------------------------------------------------------------
+# Training-run checkpoints: checksums, damage, fallback, best.
+
+STEPS = (10, 20, 30)
+
+
+def _variables_at(step):
+    """The tiny model's variables scaled by the step, so a loaded step can be told apart."""
+    variables = make_bundle().variables
+    return jax.tree.map(lambda x: np.asarray(x) * step, dict(variables))
+
+
+def _run_config():
+    return {
+        "model": "vgg11", **OPTIONS, "dataset": "fake", "value_range": 255.0,
+        "mean_rgb": [1.0, 2.0, 3.0], "std_rgb": [1.0, 1.0, 1.0],
+    }  # fmt: skip
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    """A workdir with config.json and training states at steps 10, 20, 30 (checksummed)."""
+    (tmp_path / checkpoints.CONFIG_FILE).write_text(json.dumps(_run_config()))
+    mgr = checkpoints.state_manager(str(tmp_path), keep=5)
+    for step in STEPS:
+        checkpoints.save_state(mgr, step, {"params": _variables_at(step)["params"]}, {"e": step})
+    checkpoints.wait_until_finished(mgr)
+    mgr.close()
+    return tmp_path
+
+
+def _largest_data_file(step_dir):
+    files = [p for p in step_dir.rglob("*") if p.is_file() and "/d/" in str(p)]
+    return max(files, key=lambda p: p.stat().st_size)
+
+
+def _truncate(step_dir):
+    path = _largest_data_file(step_dir)
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+    return r"state/.*: \d+ bytes, \d+ recorded \(truncated or overwritten\)"
+
+
+def _delete_data(step_dir):
+    _largest_data_file(step_dir).unlink()
+    return r"state/.*/d/\w+: file missing"
+
+
+def _delete_metadata(step_dir):
+    (step_dir / "state" / "_METADATA").unlink()
+    return r"state/_METADATA: metadata missing"
+
+
+def _flip_bytes(step_dir):
+    path = _largest_data_file(step_dir)
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) // 2, len(data) // 2 + 4):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))  # same size: only the checksum tells
+    return r"state/.*/d/\w+: checksum mismatch"
+
+
+def test_every_saved_step_records_checksums_of_all_its_files(run_dir):
+    for step in STEPS:
+        step_dir = run_dir / "checkpoints" / str(step)
+        record = json.loads((step_dir / checkpoints.CHECKSUMS_FILE).read_text())
+        on_disk = {
+            str(p.relative_to(step_dir)) for p in step_dir.rglob("*")
+            if p.is_file() and p.name != checkpoints.CHECKSUMS_FILE
+        }  # fmt: skip
+        assert set(record["files"]) == on_disk and "state/_METADATA" in on_disk
+        assert checkpoints.verify_step(str(run_dir), step) is None
+
+
+@pytest.mark.parametrize("damage", [_truncate, _delete_data, _delete_metadata, _flip_bytes])
+def test_damaged_newest_step_falls_back_to_the_previous_one(run_dir, damage):
+    reason = damage(run_dir / "checkpoints" / "30")
+    assert re.fullmatch("checkpoints/30/" + reason, checkpoints.verify_step(str(run_dir), 30))
+    lines = []
+    bundle = checkpoints.load_workdir(run_dir, "latest", say=lines.append)
+    assert bundle.metadata["step"] == 20
+    np.testing.assert_array_equal(
+        bundle.variables["params"]["fc8"]["kernel"], _variables_at(20)["params"]["fc8"]["kernel"]
+    )
+    assert len(lines) == 1
+    assert re.fullmatch(
+        rf"checkpoint 30 is damaged \(checkpoints/30/{reason}\); left in place; using 20", lines[0]
+    )
+    assert (run_dir / "checkpoints" / "30").is_dir()  # a reader never moves anything
+    # The trainer's call moves it aside (kept, not deleted) so step 30 can be written again.
+    mgr = checkpoints.state_manager(str(run_dir), keep=5)
+    lines = []
+    assert checkpoints.newest_intact_step(mgr, str(run_dir), lines.append) == 20
+    assert "moved to damaged/checkpoints-30; using 20" in lines[0]
+    assert mgr.all_steps() == [10, 20]
+    assert (run_dir / "damaged" / "checkpoints-30" / "state").is_dir()
+
+
+def test_all_steps_damaged_is_one_clear_error_and_nothing_moves(run_dir):
+    for step in STEPS:
+        _flip_bytes(run_dir / "checkpoints" / str(step))
+    mgr = checkpoints.state_manager(str(run_dir), keep=5)
+    with pytest.raises(ValueError, match=r"Every checkpoint in .* damaged: 30 \(.*\); 20 .*; 10"):
+        checkpoints.newest_intact_step(mgr, str(run_dir), print)
+    assert mgr.all_steps() == list(STEPS)
+
+
+def test_step_without_checksums_is_unverified_but_used_and_orbax_errors_name_the_step(run_dir):
+    step_dir = run_dir / "checkpoints" / "30"
+    (step_dir / checkpoints.CHECKSUMS_FILE).unlink()  # as an older version wrote it
+    assert checkpoints.verify_step(str(run_dir), 30) is None
+    _truncate(step_dir)
+    mgr = checkpoints.state_manager(str(run_dir), keep=5, read_only=True)
+    model = make_bundle().model
+    target = {"params": jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _variables_at(1)["params"]
+    )}  # fmt: skip
+    with pytest.raises(ValueError, match=r"Could not read checkpoint 30 in SRC: .*damaged"):
+        checkpoints.restore_state(mgr, 30, model, target, "SRC")
+    state, meta = checkpoints.restore_state(mgr, 20, model, target, "SRC")
+    assert meta == {"e": 20}
+
+
+@pytest.mark.parametrize("mode, kept", [("max", 3), ("min", 2)])
+def test_save_best_keeps_the_best_by_the_chosen_metric(tmp_path, mode, kept):
+    values = (0.5, 0.4, 0.7)
+    (tmp_path / checkpoints.CONFIG_FILE).write_text(json.dumps(_run_config()))
+    mgr = checkpoints.best_manager(str(tmp_path), metric="eval_loss", mode=mode)
+    saved = [
+        checkpoints.save_best(mgr, s, _variables_at(s), {"eval_loss": v}, "eval_loss", mode)
+        for s, v in zip((1, 2, 3), values, strict=True)
+    ]
+    assert saved == ([True, False, True] if mode == "max" else [True, True, False])
+    assert not checkpoints.save_best(mgr, 4, _variables_at(4), {"eval_loss": float("nan")},
+                                     "eval_loss", mode)  # fmt: skip
+    mgr.close()
+    bundle = checkpoints.load_workdir(tmp_path, "best")
+    assert bundle.metadata["step"] == kept
+    np.testing.assert_array_equal(
+        bundle.variables["params"]["fc8"]["bias"], _variables_at(kept)["params"]["fc8"]["bias"]
+    )
+    _flip_bytes(tmp_path / "best" / str(kept))
+    with pytest.raises(ValueError, match=rf"best checkpoint .*\(step {kept}\) is damaged .*latest"):
+        checkpoints.load_workdir(tmp_path, "best")
+
+
+def test_preprocessing_from_a_config_mapping():
+    pre = checkpoints.Preprocessing.from_config(_run_config())
+    assert pre == checkpoints.Preprocessing("RGB", 255.0, (1.0, 2.0, 3.0), (1.0, 1.0, 1.0))

@@ -13,10 +13,15 @@ orbax stores arrays in tensorstore and the metadata is JSON.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
+import math
 import os
-from collections.abc import Mapping, Sequence
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -59,13 +64,16 @@ class Preprocessing:
         return (x * self.value_range - mean) / std
 
     @classmethod
-    def from_config(cls, config: Any) -> Preprocessing:
-        """The preprocessing that a training config's input pipeline applies."""
+    def from_config(cls, config: Mapping[str, Any]) -> Preprocessing:
+        """The preprocessing a training config's input pipeline applies.
+
+        `config` is a ConfigDict or a plain mapping (a run's config.json read back).
+        """
         return cls(
             channel_order=config.get("channel_order", "RGB"),
-            value_range=float(config.value_range),
-            mean=tuple(float(v) for v in config.mean_rgb),
-            std=tuple(float(v) for v in config.std_rgb),
+            value_range=float(config["value_range"]),
+            mean=tuple(float(v) for v in np.ravel(config["mean_rgb"])),
+            std=tuple(float(v) for v in np.ravel(config["std_rgb"])),
         )
 
 
@@ -237,11 +245,29 @@ def flatten_names(tree: Any) -> Sequence[str]:
 
 # ---------------------------------------------------------------------------
 # Training runs: a workdir holds config.json, checkpoints/ (the last K training
-# states) and best/ (the variables with the best validation accuracy).
+# states) and best/ (the variables of the best evaluation so far).
+#
+# Integrity: orbax 0.12 renames a step's directory into place only when it is
+# complete, but it keeps no checksums of the bytes (zstd frames carry none), so
+# a truncated or bit-flipped data file restores silently or fails deep inside
+# tensorstore. Each finalized step therefore gets CHECKSUMS_FILE, the size and
+# sha256 of every file in it, written after orbax finished the step (for the
+# asynchronous state saves: at the next `save_state` or `wait_until_finished`).
+# A step without it (older versions, or a run killed before it was written) is
+# intact but unverified.
 
 CONFIG_FILE = "config.json"
 STATE_DIR = "checkpoints"
 BEST_DIR = "best"
+CHECKSUMS_FILE = "vgg_jax_checksums.json"
+DAMAGED_DIR = "damaged"  # where damaged steps are moved aside, never deleted
+# Files without which orbax cannot even read a step, relative to the step directory.
+_REQUIRED = {
+    STATE_DIR: ("_CHECKPOINT_METADATA", "state/_METADATA", "state/manifest.ocdbt", "meta/metadata"),
+    BEST_DIR: ("_CHECKPOINT_METADATA", "variables/_METADATA", "variables/manifest.ocdbt"),
+}
+# Steps saved asynchronously whose checksums are still to be written, per manager directory.
+_unrecorded: dict[str, set[int]] = {}
 
 
 def state_manager(workdir: str, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
@@ -265,14 +291,174 @@ def state_manager(workdir: str, keep: int = 3, read_only: bool = False) -> ocp.C
 
 
 def save_state(manager: ocp.CheckpointManager, step: int, state: Any, meta: Any) -> None:
-    """Saves a training state and its JSON `meta` at `step` (a step saved already is kept)."""
+    """Saves a training state and its JSON `meta` at `step` (a step saved already is kept).
+
+    The save runs in the background. The checksums of the previous save are written here
+    (orbax waits for it before starting a new one anyway); those of the last one by
+    `wait_until_finished`.
+    """
     if step in manager.all_steps():
         return
+    wait_until_finished(manager)
     manager.save(
         step,
         args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
         force=True,
     )
+    _unrecorded.setdefault(str(manager.directory), set()).add(step)
+
+
+def wait_until_finished(manager: ocp.CheckpointManager) -> None:
+    """Waits for `manager`'s background save, then records the checksums of what it wrote.
+
+    Call it where the trainer used `manager.wait_until_finished()` (end of run, SIGTERM).
+    """
+    manager.wait_until_finished()
+    steps = _unrecorded.pop(str(manager.directory), set())
+    if jax.process_index() != 0:
+        return  # process 0 records for all: after the wait every process's files are in place
+    present = set(manager.all_steps())
+    for step in sorted(steps & present):  # a step may already be gone (max_to_keep)
+        record_checksums(fileio.join(str(manager.directory), str(step)))
+
+
+def _relative_files(directory: str) -> list[str]:
+    """Paths of every file under `directory`, relative to it, '/'-separated and sorted."""
+    out = []
+    if fileio.is_url(directory):
+        import tensorflow as tf
+
+        for root, _, files in tf.io.gfile.walk(directory):
+            rel = root[len(directory) :].strip("/")
+            out += [f"{rel}/{f}" if rel else f for f in files]
+    else:
+        for root, _, files in os.walk(directory):
+            rel = os.path.relpath(root, directory).replace(os.sep, "/")
+            out += [f if rel == "." else f"{rel}/{f}" for f in files]
+    return sorted(f for f in out if f != CHECKSUMS_FILE)
+
+
+def _sha256(path: str) -> tuple[int, str]:
+    """(size, sha256 hex) of a file's bytes."""
+    digest = hashlib.sha256()
+    if fileio.is_url(path):
+        data = fileio.read_bytes(path)
+        digest.update(data)
+        return len(data), digest.hexdigest()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
+def record_checksums(step_dir: str) -> None:
+    """Writes step_dir/CHECKSUMS_FILE: the size and sha256 of every file of a finalized step."""
+    files = {}
+    for rel in _relative_files(step_dir):
+        size, digest = _sha256(fileio.join(step_dir, rel))
+        files[rel] = {"size": size, "sha256": digest}
+    record = {"algorithm": "sha256", "files": files}
+    fileio.write_text_atomic(fileio.join(step_dir, CHECKSUMS_FILE), json.dumps(record, indent=1))
+
+
+def verify_step(workdir: str, step: int, kind: str = STATE_DIR) -> str | None:
+    """None if checkpoint `step` of workdir/`kind` (checkpoints or best) is intact.
+
+    Otherwise one line naming the first problem: 'checkpoints/40/state/d/ab12: checksum
+    mismatch', '... : file missing', '... : 1203 bytes, 4096 recorded', '...: metadata
+    missing'. A step without a checksums file is checked for its metadata files only.
+    """
+    root = fileio.join(fileio.absolute(workdir), kind, str(step))
+    name = f"{kind}/{step}"
+    if not fileio.isdir(root):
+        return f"{name}: directory missing"
+    for rel in _REQUIRED[kind]:
+        if not fileio.isfile(fileio.join(root, rel)):
+            return f"{name}/{rel}: metadata missing"
+    sums_path = fileio.join(root, CHECKSUMS_FILE)
+    if not fileio.isfile(sums_path):
+        return None  # written by an older version or killed before recording: unverified
+    try:
+        files = json.loads(fileio.read_text(sums_path))["files"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return f"{name}/{CHECKSUMS_FILE}: unreadable"
+    for rel, want in files.items():
+        path = fileio.join(root, rel)
+        if not fileio.isfile(path):
+            return f"{name}/{rel}: file missing"
+        size, digest = _sha256(path)
+        if size != want["size"]:
+            return f"{name}/{rel}: {size} bytes, {want['size']} recorded (truncated or overwritten)"
+        if digest != want["sha256"]:
+            return f"{name}/{rel}: checksum mismatch"
+    return None
+
+
+def _set_aside(workdir: str, step: int) -> str:
+    """Moves damaged step `step` to workdir/damaged/ (a local move); returns where to."""
+    target = fileio.join(workdir, DAMAGED_DIR, f"{STATE_DIR}-{step}")
+    if fileio.exists(target):
+        target += time.strftime("-%Y%m%dT%H%M%S")
+    fileio.makedirs(fileio.join(workdir, DAMAGED_DIR))
+    os.rename(fileio.join(workdir, STATE_DIR, str(step)), target)
+    return os.path.relpath(target, workdir)
+
+
+def _print_err(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def newest_intact_step(
+    manager: ocp.CheckpointManager,
+    workdir: str,
+    say: Callable[[str], None] = _print_err,
+    set_aside: bool = True,
+) -> int | None:
+    """The newest step of workdir/checkpoints that `verify_step` finds intact; None if none saved.
+
+    Damaged steps (newer than the one returned) are each reported in one line, e.g.
+    "checkpoint 40 is damaged (checkpoints/40/state/d/ab: checksum mismatch); moved to
+    damaged/checkpoints-40; using 30". With `set_aside` (the trainer's case) a damaged step
+    of a local workdir is moved to workdir/damaged/ (so training can write that step again)
+    and `manager` reloaded; nothing is ever deleted. Readers pass set_aside=False. On a URL
+    damaged steps stay where they are.
+
+    Raises:
+      ValueError: every saved step is damaged (each is named; nothing was moved).
+    """
+    workdir = fileio.absolute(workdir)
+    damaged = []
+    chosen = None
+    for step in sorted(manager.all_steps(), reverse=True):
+        reason = verify_step(workdir, step)
+        if reason is None:
+            chosen = step
+            break
+        damaged.append((step, reason))
+    if damaged and chosen is None:
+        raise ValueError(
+            f"Every checkpoint in {fileio.join(workdir, STATE_DIR)} is damaged: "
+            + "; ".join(f"{s} ({r})" for s, r in damaged)
+            + ". Nothing was deleted: restore them from a copy, or move that directory away "
+            "to train from the start."
+        )
+    moving = set_aside and damaged and not fileio.is_url(workdir)
+    for step, reason in damaged:
+        where = "left in place"
+        if moving:
+            where = "moved to " + (
+                _set_aside(workdir, step) if jax.process_index() == 0 else DAMAGED_DIR
+            )
+        say(f"checkpoint {step} is damaged ({reason}); {where}; using {chosen}")
+    if moving:
+        if jax.process_count() > 1:  # the others must not list the moved steps
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("vgg_jax_set_aside_damaged")
+        manager.reload()
+    return chosen
 
 
 def restore_state(
@@ -282,28 +468,48 @@ def restore_state(
 
     The saved variables are checked against `model` first, so a checkpoint of
     another model fails with a ValueError naming the parameter, not inside orbax.
+    Any failure inside orbax (a damaged step) is a ValueError naming the step.
     """
-    saved = manager.item_metadata(step)["state"]
+    with _orbax_errors(step, source):
+        saved = manager.item_metadata(step)["state"]
     # batch_stats too: a BN model's expected variables include them (params alone never match).
     saved_vars = {
         k: abstract_from_metadata(dict(saved[k])) for k in ("params", "batch_stats") if saved.get(k)
     }
     check_variables(model, saved_vars, channels=None, source=source)
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
-        ),
-    )
+    with _orbax_errors(step, source):
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
+            ),
+        )
     return restored["state"], dict(restored["meta"])
 
 
-def best_manager(workdir: str, read_only: bool = False) -> ocp.CheckpointManager:
-    """Manager of workdir/best: the variables of the evaluation with the best top-1 accuracy."""
+@contextlib.contextmanager
+def _orbax_errors(step: int, source: str) -> Iterator[None]:
+    """Turns whatever orbax/tensorstore raise for a damaged step into one ValueError line."""
+    try:
+        yield
+    except Exception as e:  # orbax raises many types (KeyError, ValueError, OSError, ...)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(
+            f"Could not read checkpoint {step} in {source}: {type(e).__name__}: {first[:300]}. "
+            "The checkpoint is damaged or incomplete; move it away to use an earlier one."
+        ) from e
+
+
+def best_manager(
+    workdir: str, read_only: bool = False, metric: str = "eval_top1_accuracy", mode: str = "max"
+) -> ocp.CheckpointManager:
+    """Manager of workdir/best: the variables of the best evaluation by `metric` (`mode`)."""
+    if mode not in ("max", "min"):
+        raise ValueError(f"mode must be 'max' or 'min', got {mode!r}.")
     options = ocp.CheckpointManagerOptions(
         max_to_keep=1,
-        best_fn=lambda m: m["eval_top1_accuracy"],
-        best_mode="max",
+        best_fn=lambda m: m[metric],
+        best_mode=mode,
         # Synchronous: a second manager saving in the background beside the state manager's
         # async save was seen to hang a two-process run at its final step.
         enable_async_checkpointing=False,
@@ -319,6 +525,45 @@ def best_manager(workdir: str, read_only: bool = False) -> ocp.CheckpointManager
         options=options,
         item_handlers={"variables": ocp.StandardCheckpointHandler()},
     )
+
+
+def save_best(
+    manager: ocp.CheckpointManager,
+    step: int,
+    variables: Mapping[str, Any],
+    figures: Mapping[str, float],
+    metric: str = "eval_top1_accuracy",
+    mode: str = "max",
+) -> bool:
+    """Saves `variables` in workdir/best if figures[metric] beats the best kept there.
+
+    `manager` is `best_manager(workdir, metric=metric, mode=mode)` (the same metric and
+    mode); `variables` holds 'params' and, for BN models, a non-empty 'batch_stats'
+    (empty collections are dropped). "max" keeps the highest value (accuracy), "min" the
+    lowest (localisation error). A non-finite value never wins. Checksums are written
+    with the step. Returns True if it saved.
+    """
+    if metric not in figures:
+        raise ValueError(f"The best checkpoint follows {metric!r}, which the evaluation lacks "
+                         f"(it gave {sorted(figures)}).")  # fmt: skip
+    value = float(figures[metric])
+    if not math.isfinite(value) or step in manager.all_steps():
+        return False
+    best = manager.best_step()
+    if best is not None:
+        old = float((manager.metrics(best) or {}).get(metric, math.nan))
+        if math.isfinite(old) and not (value > old if mode == "max" else value < old):
+            return False
+    kept = {k: v for k, v in variables.items() if k in ("params", "batch_stats") and v}
+    manager.save(
+        step,
+        args=ocp.args.Composite(variables=ocp.args.StandardSave(dict(kept))),
+        metrics={metric: value},
+    )
+    manager.wait_until_finished()
+    if jax.process_index() == 0:
+        record_checksums(fileio.join(str(manager.directory), str(step)))
+    return True
 
 
 def abstract_from_metadata(tree: Any, sharding: Any = None) -> Any:
@@ -339,53 +584,62 @@ def read_run_config(workdir: str) -> dict[str, Any]:
             f"{workdir} is not a vgg_jax training run: {CONFIG_FILE} is missing. Train with "
             "`python -m vgg_jax.train --config ... --workdir DIR`, or give a model bundle."
         )
-    return json.loads(fileio.read_text(path))
+    try:
+        return json.loads(fileio.read_text(path))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); the run's config is damaged.") from e
 
 
-def load_workdir(workdir: str | os.PathLike, which: str = "best") -> ModelBundle:
-    """The model of a training run: `which` = "best" (validation accuracy) or "latest".
+def _restore_variables(mgr: ocp.CheckpointManager, step: int, item: str, source: str) -> dict:
+    """'params' (and 'batch_stats') of item `item` at `step`, onto one local device."""
+    with _orbax_errors(step, source):
+        meta = dict(mgr.item_metadata(step)[item])
+        keep = {k: meta[k] for k in ("params", "batch_stats") if meta.get(k)}
+        target = ocp.args.StandardRestore(abstract_from_metadata(meta))
+        restored = mgr.restore(step, args=ocp.args.Composite(**{item: target}))
+    return {k: restored[item][k] for k in keep}
 
-    "best" falls back to the latest training state when no evaluation was saved yet.
+
+def load_workdir(
+    workdir: str | os.PathLike, which: str = "best", say: Callable[[str], None] = _print_err
+) -> ModelBundle:
+    """The model of a training run: `which` = "best" (best evaluation) or "latest".
+
+    "latest" is the newest intact training state: damaged newer ones are reported
+    through `say` and skipped (left in place). "best" is verified too (a damaged one is
+    a ValueError pointing at "latest") and falls back to the latest training state when
+    no evaluation was saved yet.
     """
     if which not in ("best", "latest"):
         raise ValueError(f"which must be 'best' or 'latest', got {which!r}.")
     workdir = fileio.absolute(workdir)
     cfg = read_run_config(workdir)
     options = {k: cfg[k] for k in models.MODEL_OPTIONS if k in cfg}
-    preprocessing = Preprocessing(
-        channel_order=cfg.get("channel_order", "RGB"),
-        value_range=float(cfg["value_range"]),
-        mean=tuple(float(v) for v in np.ravel(cfg["mean_rgb"])),
-        std=tuple(float(v) for v in np.ravel(cfg["std_rgb"])),
-    )
     variables, step, source = None, None, ""
     if which == "best" and fileio.isdir(fileio.join(workdir, BEST_DIR)):
         mgr = best_manager(workdir, read_only=True)
-        step = mgr.best_step()
+        step = mgr.latest_step()  # max_to_keep=1: the one kept is the best
         if step is not None:
-            target = abstract_from_metadata(dict(mgr.item_metadata(step)["variables"]))
-            restored = mgr.restore(
-                step, args=ocp.args.Composite(variables=ocp.args.StandardRestore(target))
-            )
-            variables, source = dict(restored["variables"]), fileio.join(workdir, BEST_DIR)
+            source = fileio.join(workdir, BEST_DIR)
+            reason = verify_step(workdir, step, BEST_DIR)
+            if reason:
+                raise ValueError(
+                    f"The best checkpoint of {workdir} (step {step}) is damaged ({reason}); "
+                    "use the newest training state instead (evaluate/predict: --which latest)."
+                )
+            variables = _restore_variables(mgr, step, "variables", source)
     if variables is None:
         mgr = state_manager(workdir, read_only=True)
-        step = mgr.latest_step()
+        step = newest_intact_step(mgr, workdir, say, set_aside=False)
         if step is None:
             raise FileNotFoundError(f"{workdir} has no checkpoint yet; train first.")
-        meta = dict(mgr.item_metadata(step)["state"])
-        keep = {k: meta[k] for k in ("params", "batch_stats") if meta.get(k)}
-        target = abstract_from_metadata(meta)
-        restored = mgr.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
-        )
-        variables = {k: restored["state"][k] for k in keep}
-        source = fileio.join(workdir, STATE_DIR)
+        source = fileio.join(workdir, STATE_DIR, str(step))
+        variables = _restore_variables(mgr, step, "state", source)
     bundle = ModelBundle(
         name=cfg["model"],
         options=options,
         variables=variables,
-        preprocessing=preprocessing,
+        preprocessing=Preprocessing.from_config(cfg),
         metadata={"workdir": workdir, "step": int(step), "which": which, "dataset": cfg["dataset"]},
     )
     check_variables(bundle.model, bundle.variables, channels=None, source=source)

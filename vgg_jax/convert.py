@@ -688,4 +688,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from vgg_jax import cli
+
+    cli.run(main)

@@ -1042,4 +1042,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    from vgg_jax import cli
+
+    cli.run(main)

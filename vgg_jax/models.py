@@ -416,5 +416,10 @@ def format_table(names: Iterable[str] = SPECS, image_size: int = 224) -> str:
 
 
 if __name__ == "__main__":
-    print("VGG configurations at 224x224, 1000 classes (python -m vgg_jax.models)\n")
-    print(format_table())
+    from vgg_jax import cli
+
+    def _main() -> None:
+        print("VGG configurations at 224x224, 1000 classes (python -m vgg_jax.models)\n")
+        print(format_table())
+
+    cli.run(_main)

@@ -138,4 +138,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from vgg_jax import cli
+
+    cli.run(main)

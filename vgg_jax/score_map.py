@@ -126,4 +126,6 @@ def main(argv: Sequence[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    from vgg_jax import cli
+
+    cli.run(main)

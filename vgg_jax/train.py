@@ -753,5 +753,7 @@ def _define_flags() -> None:
 if __name__ == "__main__":
     from absl import app
 
+    from vgg_jax import cli
+
     _define_flags()
-    app.run(main, flags_parser=configuration.parse_flags)
+    cli.run(app.run, main, flags_parser=configuration.parse_flags)
