@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import os
 import platform
 import shutil
@@ -23,11 +22,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(variant: str):
-    path = os.path.join(ROOT, "configs", "fashion_mnist.py")
-    spec = importlib.util.spec_from_file_location("fashion_mnist_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
+    from vgg_jax import configuration
+
+    return configuration.load_config_file(f"{ROOT}/configs/fashion_mnist.py:{variant}")
 
 
 def main() -> None:

@@ -193,19 +193,11 @@ sharded `jax.jit` train step over all devices, checkpoints in the workdir
 tfds downloads Fashion-MNIST the first time.
 """),
         code("""
-import importlib.util as _util
+from vgg_jax import configuration, train
 
-from vgg_jax import train
-
-
-def load_config(path, variant=None):
-    spec = _util.spec_from_file_location("experiment_config", path)
-    module = _util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
-
-
-config = load_config(REPO_DIR / "configs" / "fashion_mnist.py", TRAIN_VARIANT)
+# get_config(TRAIN_VARIANT) of the experiment file, given as FILE.py:variant like --config.
+experiment = REPO_DIR / "configs" / "fashion_mnist.py"
+config = configuration.load_config_file(f"{experiment}:{TRAIN_VARIANT}")
 config.update(TRAIN_OVERRIDES)
 print(f"model {config.model}, {config.num_epochs} epochs, batch {config.batch_size}, "
       f"{config.image_size}x{config.image_size}, lr {config.learning_rate}")

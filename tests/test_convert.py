@@ -408,18 +408,14 @@ def test_adapt_image_size_equals_torchvision_at_that_size(tmp_path):
 
 def test_finetune_config_fits_an_adapted_bundle():
     """configs/finetune_fashion_mnist.py's model accepts the bundle its docstring makes."""
-    import importlib.util
+    from vgg_jax import configuration
 
-    spec = importlib.util.spec_from_file_location("ft", "configs/finetune_fashion_mnist.py")
-    ft = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ft)
-    spec = importlib.util.spec_from_file_location("default", "configs/default.py")
-    default = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(default)
+    ft = configuration.load_config_module("configs/finetune_fashion_mnist.py")
+    default = configuration.default_config()
     bundle = convert.from_torchvision(torchvision_state("vgg16", zeros=True))
     for variant in ft.VARIANTS:
         config = ft.get_config(variant)
-        assert set(config.keys()) <= set(default.get_config().keys())
+        assert set(config.keys()) <= set(default.keys())
         adapted = convert.adapt_bundle(bundle, in_channels=1, image_size=config.image_size)
         model = models.create_model(
             config.model,

@@ -7,13 +7,12 @@ metrics.jsonl, a decodable curves.png, and a loadable best model.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
 import pytest
 
-from vgg_jax import checkpoints, data_sources, metrics, train
+from vgg_jax import checkpoints, configuration, data_sources, metrics, train
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -24,10 +23,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def quick_config(**overrides):
-    spec = importlib.util.spec_from_file_location("fm", os.path.join(CONFIGS, "fashion_mnist.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("quick")
+    config = configuration.load_config_file(os.path.join(CONFIGS, "fashion_mnist.py:quick"))
     config.update(overrides)
     return config
 
