@@ -92,4 +92,17 @@ def get_config() -> ml_collections.ConfigDict:
     c.coordinator_address = ""
     c.num_processes = 0
     c.process_id = -1
+
+    # The training loop (vgg_jax.loop; fields added by the one-loop change).
+    # End-of-epoch evaluation: "central" (central crop at eval_scale) or "dense" (the paper's
+    # dense protocol at train_eval_scales, () = eval_scale; evaluate.DenseEvaluator).
+    c.train_eval = "central"
+    c.train_eval_scales = ()
+    # The figure the plateau schedule follows and the one that picks the best checkpoint
+    # ("" = the task's own: top-1 accuracy, or localisation error for box regression).
+    c.plateau_metric = ""
+    c.best_metric = ""
+    # Stop when a step's loss exceeds this many times the median of the recent ones
+    # (0 = stop on non-finite losses only); see vgg_jax/loop.py.
+    c.divergence_factor = 10.0
     return c

@@ -69,14 +69,6 @@ def eval_dataset(config, *, split=None, batch_size=None, process_index=None, pro
         yield {"image": images[rows], "label": labels[rows], "mask": mask[rows]}
 
 
-def install(train_module) -> None:
-    """Points the trainer at this module instead of the real input pipeline."""
-    import sys
-
-    train_module._data = lambda: sys.modules[__name__]
-    train_module.input_channels = lambda config: CHANNELS
-
-
 def tiny_config(**overrides):
     """A VGG-A small enough for a CPU test: 32x32 inputs, widths / 16, FC 32."""
     import importlib.util
@@ -105,3 +97,30 @@ def tiny_config(**overrides):
     for k, v in overrides.items():
         c[k] = v
     return c
+
+
+def dense_batches(config, scales, batch_size):
+    """The evaluation split as the dense protocol reads it: (ImageSet, labels, mask) groups.
+
+    The fake images are already at image_size, so only Q = image_size is served.
+    """
+    from vgg_jax import evaluate
+
+    if tuple(scales) != (config.image_size,):
+        raise ValueError(f"fake_data serves only Q = image_size ({config.image_size}).")
+    for batch in eval_dataset(config, batch_size=batch_size):
+        images = evaluate.ImageSet(rescaled={config.image_size: list(batch["image"])})
+        yield images, batch["label"], batch["mask"]
+
+
+def data():
+    """This module as the trainer's `train.Data` (passed in, never patched in)."""
+    from vgg_jax import train
+
+    return train.Data(
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        steps_per_epoch=steps_per_epoch,
+        channels=lambda config: CHANNELS,
+        dense_batches=dense_batches,
+    )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import os
 
 import jax
@@ -18,6 +17,7 @@ from vgg_jax import (
     data_sources,
     image_io,
     localize,
+    localize_eval,
     models,
     train,
 )
@@ -165,12 +165,12 @@ def test_position_boxes_map_windows_to_the_image():
     # A 64x64 image with a 32-pixel window per position (stride 32): 2x2 positions.
     params = np.zeros((2, 2, 4), np.float32)
     params[...] = [0.5, 0.5, 1.0, 1.0]  # each window's whole extent
-    corners = localize.position_boxes(params, 32, (64, 64))
+    corners = localize_eval.position_boxes(params, 32, (64, 64))
     np.testing.assert_allclose(corners[0, 0], [0, 0, 0.5, 0.5])
     np.testing.assert_allclose(corners[1, 0], [0.5, 0, 1.0, 0.5])
     params[0, 1] = [0.5, 0.5, 0.5, 0.5]  # the centre quarter of the top-right window
     np.testing.assert_allclose(
-        localize.position_boxes(params, 32, (64, 64))[0, 1], [0.125, 0.625, 0.375, 0.875]
+        localize_eval.position_boxes(params, 32, (64, 64))[0, 1], [0.125, 0.625, 0.375, 0.875]
     )
 
 
@@ -284,14 +284,14 @@ def test_fc_only_fine_tuning_keeps_the_conv_layers(trained, tmp_path):
 
 def test_dense_protocol_and_cli_draw_a_png(trained, tmp_path, capsys):
     root, _, config, _ = trained
-    report = localize.evaluate_localizers(config, [str(root / "scr")], num_images=8)
+    report = localize_eval.evaluate_localizers(config, [str(root / "scr")], num_images=8)
     dense = report["dense"]
     assert dense["images"] == 8
     for key in ("top1_loc_error", "top5_loc_error", "top5_cls_error"):
         assert 0.0 <= dense[key] <= 1.0
     assert dense["top5_loc_error"] <= dense["top1_loc_error"]
     assert dense["top5_loc_error"] >= dense["top5_cls_error"]  # a right box needs a right class
-    assert "Protocol (2)" in localize.format_report(report)
+    assert "Protocol (2)" in localize_eval.format_report(report)
     from PIL import Image
 
     items, labels = ldata.fashion_mnist_items("test")
@@ -324,47 +324,3 @@ def test_every_config_variant_validates_and_bad_fields_are_named():
     config.init_from = ""
     with pytest.raises(ValueError, match="init_from"):
         localize.validate_config(config)
-
-
-def _interrupting_batches(monkeypatch, at_step: int, action):
-    """Makes localize's training batches run `action` when the batch of step `at_step` is due."""
-    original = localize.train_batches
-
-    def batches(config, start_step=0):
-        for step, batch in enumerate(original(config, start_step), start_step + 1):
-            if step == at_step:
-                action()
-            yield batch
-
-    monkeypatch.setattr(localize, "train_batches", batches)
-
-
-@needs_fashion_mnist
-def test_killed_and_preempted_runs_resume_exactly(tmp_path, monkeypatch):
-    import signal
-
-    config = tiny_config(max_steps=8, checkpoint_every_steps=3, log_every_steps=2)
-    localize.train_and_evaluate(config, str(tmp_path / "straight"))
-
-    def crash():
-        raise RuntimeError("killed")
-
-    workdir = str(tmp_path / "interrupted")
-    with monkeypatch.context() as m:
-        _interrupting_batches(m, 5, crash)
-        with pytest.raises(RuntimeError, match="killed"):
-            localize.train_and_evaluate(config, workdir)
-    assert checkpoints.state_manager(workdir, read_only=True).latest_step() == 3
-    with monkeypatch.context() as m:
-        _interrupting_batches(m, 5, lambda: os.kill(os.getpid(), signal.SIGTERM))
-        assert localize.train_and_evaluate(config, workdir) == {"step": 5, "preempted": True}
-    other = tiny_config(max_steps=8, fc_width=32)
-    with pytest.raises(ValueError, match="does not match model vgg11_bn"):
-        localize.train_and_evaluate(other, workdir)
-    assert localize.train_and_evaluate(config, workdir)["complete"]
-    steps = [r["step"] for r in map(json.loads, open(os.path.join(workdir, "metrics.jsonl")))]
-    # Logged on the grid, at saves and at the end; step 4 again after resuming from step 3.
-    assert steps == [2, 3, 4, 4, 5, 6, 8], steps
-    resumed = checkpoints.load_bundle(workdir).variables
-    straight = checkpoints.load_bundle(str(tmp_path / "straight")).variables
-    jax.tree.map(np.testing.assert_array_equal, resumed, straight)

@@ -41,9 +41,7 @@ def _compilation_cache(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def _fake_input(monkeypatch):
-    monkeypatch.setattr(train, "_data", lambda: fake_data)
-    monkeypatch.setattr(train, "input_channels", lambda config: fake_data.CHANNELS)
+def _no_nan(monkeypatch):
     monkeypatch.setattr(fake_data, "NAN_AT_STEP", -1)
 
 
@@ -51,10 +49,7 @@ def _fake_input(monkeypatch):
 def dp8_run(tmp_path_factory):
     """The tiny default run (4 steps, 8 devices), shared: tests copy it before changing it."""
     workdir = tmp_path_factory.mktemp("dp8")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train, "_data", lambda: fake_data)
-        mp.setattr(train, "input_channels", lambda config: fake_data.CHANNELS)
-        _train(workdir)
+    _train(workdir)
     return workdir
 
 
@@ -64,7 +59,8 @@ def _copy(run, tmp_path):
 
 
 def _train(workdir, **overrides):
-    return train.train_and_evaluate(fake_data.tiny_config(**overrides), str(workdir))
+    config = fake_data.tiny_config(**overrides)
+    return train.train_and_evaluate(config, str(workdir), data=fake_data.data())
 
 
 def _params(workdir, which="latest"):
@@ -250,14 +246,15 @@ def test_checkpoint_of_another_model_is_refused(tmp_path, dp8_run):
         _train(tmp_path, fc_width=64, max_steps=4)
 
 
-def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+def test_nan_loss_stops_naming_the_step_and_sets_aside_what_it_computed(tmp_path, monkeypatch):
     monkeypatch.setattr(fake_data, "NAN_AT_STEP", 2)  # the third batch
-    with pytest.raises(FloatingPointError, match=r"at step 3"):
+    with pytest.raises(FloatingPointError, match=r"at step 3") as stop:
         _train(tmp_path, max_steps=6)
-    mgr = checkpoints.state_manager(str(tmp_path), read_only=True)
-    assert mgr.all_steps() == [2]
-    params = _params(tmp_path)
-    assert all(np.all(np.isfinite(v)) for v in jax.tree.leaves(params))
+    # Step 3's loss came from the checkpoint of step 2, so it is set aside, not kept, and the
+    # message says plainly that a rerun starts from scratch.
+    assert "No checkpoint was written before the divergence" in str(stop.value)
+    assert "moved to" in str(stop.value) and (tmp_path / "diverged" / "2").is_dir()
+    assert checkpoints.state_manager(str(tmp_path), read_only=True).all_steps() == []
 
 
 def test_training_validates_the_config_first(tmp_path):

@@ -20,9 +20,9 @@ NAME = "localization"
 TASKS = ("localize", "classify")
 HEADS = ("scr", "pcr")
 FINE_TUNE = ("all", "fc")
-# Learning-rate schedules localisation training accepts (the classification ones but the
-# plateau schedule, which needs a validation figure to follow).
-SCHEDULES = ("step", "cosine", "constant")
+# Learning-rate schedules localisation training accepts: all of them; "plateau" follows the
+# validation localisation error (or config.plateau_metric), as the one loop feeds it.
+SCHEDULES = ("plateau", "step", "cosine", "constant")
 EXAMPLE = "configs/localize_fashion_mnist.py"
 # Protocol (2)'s settings: read by `localize evaluate` (and recorded in the bundle for it),
 # never by a training step, so a resumed run may change them.
@@ -65,8 +65,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"config.localization.{key}={loc[key]!r}; choose one of {valid}.")
     if config.schedule not in SCHEDULES:
         raise ValueError(
-            f"config.schedule={config.schedule!r}: localisation training supports {SCHEDULES} "
-            "(no validation accuracy drives a plateau schedule here)."
+            f"config.schedule={config.schedule!r}: localisation training supports {SCHEDULES}."
         )
     if loc.fine_tune == "fc" and not config.init_from:
         raise ValueError(

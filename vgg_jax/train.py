@@ -25,13 +25,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import math
 import os
-import signal
 import sys
-import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -41,9 +38,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 
-from vgg_jax import backend, checkpoints, configuration, fileio, models, parallel
+from vgg_jax import (
+    backend,
+    checkpoints,
+    configuration,
+    fileio,
+    loop,
+    models,
+    parallel,
+    workdir_lock,
+)
 from vgg_jax import metrics as metrics_lib
 
 log = logging.getLogger(__name__)
@@ -55,15 +60,11 @@ INIT_MODES = configuration.INIT_MODES
 PAPER_A_LAYERS = ("conv1_1", "conv2_1", "conv3_1", "conv3_2", "fc6", "fc7", "fc8")
 
 
-@flax.struct.dataclass
-class TrainState:
-    """Everything a resumed run needs: the step, variables, optimizer and plateau state."""
-
-    step: jax.Array
-    params: Any
-    batch_stats: Any
-    opt_state: Any
-    plateau: Any  # optax.contrib.ReduceLROnPlateauState (scale 1 for other schedules)
+# The loop's state and helpers, under the names other modules and tests know.
+TrainState = loop.TrainState
+Preemption = loop.Preemption
+to_host = loop.to_host
+save_config = loop.save_config
 
 
 # ---------------------------------------------------------------------------
@@ -236,6 +237,108 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
+# loss_fn(params, batch_stats, batch, key) -> (mean loss, ({name: sum over rows}, batch_stats))
+LossFn = Callable[[Any, Any, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, Any]]
+
+
+def sgd_step(
+    state: TrainState,
+    batch: Mapping[str, jax.Array],
+    *,
+    loss_fn: LossFn,
+    tx: optax.GradientTransformation,
+    lr_fn: Callable,
+    seed: int,
+    accum: int,
+    mesh: jax.sharding.Mesh,
+    frozen: str = "",
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One SGD update on a global batch (accumulated over `accum` micro-batches), any loss.
+
+    `frozen`: a top-level parameter group ("features") that gets no gradient and no update.
+    Figures: "loss", "learning_rate" and, when the loss counts "correct" rows, "accuracy".
+    """
+    step_key = jax.random.fold_in(jax.random.key(seed), state.step)
+
+    def frozen_loss(params, batch_stats, micro, key):
+        if frozen:  # no gradient into the frozen layers: XLA drops their backward pass
+            params = {**params, frozen: jax.lax.stop_gradient(params[frozen])}
+        return loss_fn(params, batch_stats, micro, key)
+
+    grad_fn = jax.value_and_grad(frozen_loss, has_aux=True)
+    rows = next(iter(batch.values())).shape[0]
+    if accum == 1:
+        (loss, (sums, batch_stats)), grads = grad_fn(
+            state.params, state.batch_stats, batch, step_key
+        )
+    else:
+        micro = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, parallel.DATA))
+
+        def split(x):  # rows j*accum + i -> micro-batch i; keeps each device's rows local
+            x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+            return jax.lax.with_sharding_constraint(x, micro)
+
+        def body(carry, xs):
+            grads_sum, loss_sum, sums_total, stats = carry
+            i, part = xs
+            (loss, (sums, stats)), grads = grad_fn(
+                state.params, stats, part, jax.random.fold_in(step_key, i)
+            )
+            grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
+            sums_total = jax.tree.map(jnp.add, sums_total, sums)
+            return (grads_sum, loss_sum + loss, sums_total, stats), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        first = jax.tree.map(lambda x: x[: rows // accum], dict(batch))
+        sums_shape = jax.eval_shape(
+            lambda: frozen_loss(state.params, state.batch_stats, first, step_key)[1][0]
+        )
+        sums0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape)
+        init = (zeros, jnp.zeros((), jnp.float32), sums0, state.batch_stats)
+        (grads, loss, sums, batch_stats), _ = jax.lax.scan(
+            body, init, (jnp.arange(accum), jax.tree.map(split, dict(batch)))
+        )
+        grads = jax.tree.map(lambda g: g / accum, grads)
+        loss = loss / accum
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    if frozen:  # weight decay must not move the frozen layers either
+        updates = {**updates, frozen: jax.tree.map(jnp.zeros_like, updates[frozen])}
+    scale = state.plateau.scale
+    updates = jax.tree.map(lambda u: (u * scale).astype(u.dtype), updates)
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(
+        step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+    )
+    figures = {"loss": loss, "learning_rate": lr_fn(state.step) * scale}
+    if "correct" in sums:
+        figures["accuracy"] = sums["correct"] / rows
+    return new_state, figures
+
+
+def apply_train(model: models.VGG, variables: dict[str, Any], images: jax.Array, key: jax.Array):
+    """The model in training mode: (outputs, updated batch_stats or the given ones)."""
+    if "batch_stats" in variables:
+        out, updated = model.apply(
+            variables, images, train=True, rngs={"dropout": key}, mutable=["batch_stats"]
+        )
+        return out, updated["batch_stats"]
+    return model.apply(variables, images, train=True, rngs={"dropout": key}), {}
+
+
+def classification_loss(model: models.VGG) -> LossFn:
+    """Mean cross-entropy of batch["image"] against batch["label"]; counts the correct rows."""
+
+    def loss_fn(params, batch_stats, batch, key):
+        variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+        logits, batch_stats = apply_train(model, variables, batch["image"], key)
+        labels = batch["label"]
+        loss = cross_entropy(logits, labels).mean()
+        correct = jnp.sum(jnp.argmax(logits, -1) == labels)
+        return loss, ({"correct": correct}, batch_stats)
+
+    return loss_fn
+
+
 def train_step(
     state: TrainState,
     batch: Mapping[str, jax.Array],
@@ -247,66 +350,12 @@ def train_step(
     accum: int,
     mesh: jax.sharding.Mesh,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One SGD update on a global batch (accumulated over `accum` micro-batches)."""
-    step_key = jax.random.fold_in(jax.random.key(seed), state.step)
-    has_bn = bool(state.batch_stats)
-
-    def loss_fn(params, batch_stats, images, labels, key):
-        variables = {"params": params}
-        if has_bn:
-            variables["batch_stats"] = batch_stats
-            logits, updated = model.apply(
-                variables, images, train=True, rngs={"dropout": key}, mutable=["batch_stats"]
-            )
-            batch_stats = updated["batch_stats"]
-        else:
-            logits = model.apply(variables, images, train=True, rngs={"dropout": key})
-        loss = cross_entropy(logits, labels).mean()
-        correct = jnp.sum(jnp.argmax(logits, -1) == labels)
-        return loss, (correct, batch_stats)
-
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    images, labels = batch["image"], batch["label"]
-    if accum == 1:
-        (loss, (correct, batch_stats)), grads = grad_fn(
-            state.params, state.batch_stats, images, labels, step_key
-        )
-    else:
-        micro = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, parallel.DATA))
-
-        def split(x):  # rows j*accum + i -> micro-batch i; keeps each device's rows local
-            x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
-            return jax.lax.with_sharding_constraint(x, micro)
-
-        def body(carry, xs):
-            grads_sum, loss_sum, correct_sum, stats = carry
-            i, imgs, lbls = xs
-            (loss, (correct, stats)), grads = grad_fn(
-                state.params, stats, imgs, lbls, jax.random.fold_in(step_key, i)
-            )
-            grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
-            return (grads_sum, loss_sum + loss, correct_sum + correct, stats), None
-
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), state.batch_stats)
-        (grads, loss, correct, batch_stats), _ = jax.lax.scan(
-            body, init, (jnp.arange(accum), split(images), split(labels))
-        )
-        grads = jax.tree.map(lambda g: g / accum, grads)
-        loss = loss / accum
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    scale = state.plateau.scale
-    updates = jax.tree.map(lambda u: (u * scale).astype(u.dtype), updates)
-    params = optax.apply_updates(state.params, updates)
-    new_state = state.replace(
-        step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
-    )
-    figures = {
-        "loss": loss,
-        "accuracy": correct / labels.shape[0],
-        "learning_rate": lr_fn(state.step) * scale,
-    }
-    return new_state, figures
+    """One classification SGD update on a global batch (accumulated over `accum` micro-batches)."""
+    batch = {"image": batch["image"], "label": batch["label"]}
+    return sgd_step(
+        state, batch, loss_fn=classification_loss(model), tx=tx, lr_fn=lr_fn, seed=seed,
+        accum=accum, mesh=mesh,
+    )  # fmt: skip
 
 
 def eval_step(
@@ -328,117 +377,74 @@ def eval_step(
     }
 
 
-def to_host(tree: Any) -> Any:
-    """Fetches replicated arrays (works for arrays spanning several processes, too)."""
+def jit_step(step_fn: Callable, state_sharding: Any, mesh: jax.sharding.Mesh) -> Callable:
+    """`step_fn(state, batch)` compiled with the state's shardings, the state donated."""
+    return jax.jit(
+        step_fn,
+        in_shardings=(state_sharding, parallel.batch_sharding(mesh)),
+        out_shardings=(state_sharding, parallel.replicated(mesh)),
+        donate_argnums=0,
+    )
 
-    def one(x):
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            return np.asarray(x.addressable_data(0))
-        return np.asarray(x)
 
-    return jax.tree.map(one, tree)
+def check_micro_batches(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+    micro = config.batch_size // config.grad_accum_steps
+    if config.grad_accum_steps > 1 and micro % mesh.shape[parallel.DATA]:
+        raise ValueError(
+            f"Micro-batches of {micro} (batch_size / grad_accum_steps) do not divide across the "
+            f"{mesh.shape[parallel.DATA]} devices of the 'data' axis; change grad_accum_steps."
+        )
 
 
 # ---------------------------------------------------------------------------
-# The run.
+# Data and evaluation.
 
 
-class Preemption:
-    """Turns SIGTERM into a flag that the loop checks after each step."""
+@dataclasses.dataclass(frozen=True)
+class Data:
+    """Where the classification task's examples come from (tests pass tests/fake_data.py's).
 
-    def __init__(self):
-        self.requested = False
-        self._previous = None
+    train_dataset(config, start_step=) and eval_dataset(config) yield this process's rows;
+    dense_batches(config, scales, batch_size) yields (ImageSet, labels, mask) groups.
+    """
 
-    def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: no signal handling
-            self._previous = None
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+    train_dataset: Callable[..., Iterator[dict[str, np.ndarray]]]
+    eval_dataset: Callable[..., Iterator[dict[str, np.ndarray]]]
+    steps_per_epoch: Callable[[ml_collections.ConfigDict], int]
+    channels: Callable[[ml_collections.ConfigDict], int]
+    dense_batches: Callable[..., Iterator[tuple[Any, np.ndarray, np.ndarray]]]
 
 
-@dataclasses.dataclass
-class _Run:
-    """What the loop shares: config, mesh, compiled steps, managers, writers."""
-
-    config: ml_collections.ConfigDict
-    workdir: str
-    mesh: jax.sharding.Mesh
-    model: models.VGG
-    steps_per_epoch: int
-    total_steps: int
-    state_sharding: Any
-    train_step: Callable
-    eval_step: Callable
-    plateau: Any
-    plateau_update: Callable
-    manager: ocp.CheckpointManager
-    best: ocp.CheckpointManager
-    writer: metrics_lib.MetricsWriter
-    bar: metrics_lib.ProgressBar
-    meta: dict[str, Any]
-
-    def say(self, text: str) -> None:
-        if parallel.is_main_process():
-            self.bar.message(text)
-
-
-def input_channels(config: ml_collections.ConfigDict) -> int:
-    """Channels of the dataset's images (1 for Fashion-MNIST, 3 for ImageNet)."""
+def pipeline_data() -> Data:
+    """The real input pipeline (vgg_jax.input_pipeline, tf.data)."""
     from vgg_jax import input_pipeline
 
-    return int(input_pipeline.get_source(config).channels)
-
-
-def _data():
-    from vgg_jax import input_pipeline
-
-    return input_pipeline
-
-
-def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """workdir/config.json: what `checkpoints.load_workdir` and evaluators read back."""
-    text = json.dumps(config.to_dict(), indent=2, default=str)
-    fileio.write_text_atomic(fileio.join(workdir, checkpoints.CONFIG_FILE), text)
-
-
-def _abstract_state(config, model, channels, spe, mesh) -> tuple[Any, Any]:
-    shapes = jax.eval_shape(lambda: init_state(config, model, channels, spe))
-    sharding = parallel.tree_shardings(shapes, mesh)
-    return shapes, sharding
-
-
-def _restore(run: _Run, step: int, shapes: Any) -> tuple[TrainState, dict[str, Any]]:
-    """The state saved at `step`, checked against the model first (naming a mismatch)."""
-    target = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-        shapes,
-        run.state_sharding,
+    return Data(
+        train_dataset=input_pipeline.train_dataset,
+        eval_dataset=input_pipeline.eval_dataset,
+        steps_per_epoch=input_pipeline.steps_per_epoch,
+        channels=lambda config: int(input_pipeline.get_source(config).channels),
+        dense_batches=_dense_batches,
     )
-    source = fileio.join(run.workdir, checkpoints.STATE_DIR, str(step))
-    return checkpoints.restore_state(run.manager, step, run.model, target, source)
 
 
-def _save(run: _Run, state: TrainState, finished: bool = False) -> None:
-    step = int(to_host(state.step))
-    meta = {**run.meta, "finished": finished, "epoch": step / run.steps_per_epoch}
-    checkpoints.save_state(run.manager, step, state, meta)
+def _dense_batches(config, scales, batch_size):
+    from vgg_jax import evaluate
+
+    return evaluate.dataset_batches(config, config.eval_split, scales, batch_size)
 
 
-def _evaluate(run: _Run, state: TrainState) -> dict[str, float]:
-    config = run.config
+@jax.jit
+def _add_trees(a: Any, b: Any) -> Any:
+    return jax.tree.map(jnp.add, a, b)
+
+
+def central_figures(config, data: Data, eval_fn: Callable, mesh, state: TrainState) -> dict:
+    """The central-crop evaluation (at config.eval_scale) of the evaluation split."""
     totals = None
-    for local in _data().eval_dataset(config):
-        batch = parallel.global_batch(local, run.mesh)
-        out = run.eval_step(state.params, state.batch_stats, batch)
+    for local in data.eval_dataset(config):
+        batch = parallel.global_batch(local, mesh)
+        out = eval_fn(state.params, state.batch_stats, batch)
         totals = out if totals is None else _add_trees(totals, out)
     if totals is None:
         raise ValueError(f"The evaluation split {config.eval_split!r} yielded no batches.")
@@ -451,266 +457,140 @@ def _evaluate(run: _Run, state: TrainState) -> dict[str, float]:
     }
 
 
-@jax.jit
-def _add_trees(a: Any, b: Any) -> Any:
-    return jax.tree.map(jnp.add, a, b)
+def dense_figures(config, data: Data, model: models.VGG, state: TrainState) -> dict[str, float]:
+    """The paper's dense multi-scale protocol (evaluate.DenseEvaluator) on the evaluation split.
+
+    The pipeline's images are already normalised, so the evaluator applies no preprocessing.
+    """
+    from vgg_jax import evaluate
+
+    scales = tuple(int(q) for q in config.train_eval_scales) or (int(config.eval_scale),)
+    dense = evaluate.DenseEvaluator(
+        model, to_host(loop.variables_of(state)), scales, flip=False, batch_size=8
+    )
+    counts = evaluate.ErrorCounts()
+    for images, labels, mask in data.dense_batches(config, scales, int(config.eval_batch_size)):
+        counts.update(dense.predict(images), labels, mask)
+    counts = counts.all_processes()
+    return {
+        "eval_top1_accuracy": 1.0 - counts.top1_error,
+        "eval_top5_accuracy": 1.0 - counts.top5_error,
+    }
 
 
-def _after_eval(run: _Run, state: TrainState, figures: dict[str, float]) -> TrainState:
-    """Feeds validation top-1 error to the plateau schedule; keeps the best variables."""
-    step = int(to_host(state.step))
-    if run.config.schedule == "plateau":
-        error = np.float32(1.0 - figures["eval_top1_accuracy"])
-        _, plateau = run.plateau_update(state.plateau, error)
-        old = float(to_host(state.plateau.scale))
-        new = float(to_host(plateau.scale))
-        if new < old:
-            run.say(f"Validation accuracy stalled: learning rate x{new / old:g} (scale {new:g}).")
-        state = state.replace(plateau=plateau)
-    if figures["eval_top1_accuracy"] > run.meta.get("best_accuracy", -1.0):
-        run.meta["best_accuracy"] = figures["eval_top1_accuracy"]
-        run.meta["best_step"] = step
-        if step not in run.best.all_steps():
-            variables = {"params": state.params}
-            if state.batch_stats:
-                variables["batch_stats"] = state.batch_stats
-            run.best.save(
-                step,
-                args=ocp.args.Composite(variables=ocp.args.StandardSave(variables)),
-                metrics={"eval_top1_accuracy": figures["eval_top1_accuracy"]},
-            )
+EVALUATIONS = ("central", "dense")
+
+
+def _describe(spe: int) -> Callable[[int, Mapping[str, float]], str]:
+    def describe(step, ev):
+        return (
+            f"step {step} (epoch {step / spe:.2f}): validation top-1 "
+            f"{ev['eval_top1_accuracy']:.4f}, top-5 {ev['eval_top5_accuracy']:.4f}"
+        )
+
+    return describe
+
+
+# ---------------------------------------------------------------------------
+# The classification task.
+
+
+def initial_state(config, model, channels, spe, sharding, say) -> TrainState:
+    """A fresh state on `sharding`, or one that starts from config.init_from."""
+    init = jax.jit(lambda: init_state(config, model, channels, spe), out_shardings=sharding)
+    state = init()
+    if not config.init_from:
+        return state
+    source = load_init_source(config.init_from)
+    params = transfer_params(
+        to_host(state.params), source.variables["params"], config.init_from_mode, say
+    )
+    params = jax.device_put(params, sharding.params)
+    tx = create_optimizer(config, spe, params)
+    state = state.replace(
+        params=params, opt_state=jax.device_put(tx.init(params), sharding.opt_state)
+    )
+    if state.batch_stats:
+        stats = transfer_batch_stats(
+            to_host(state.batch_stats), source.variables.get("batch_stats", {})
+        )
+        state = state.replace(batch_stats=jax.device_put(stats, sharding.batch_stats))
     return state
 
 
-class _Logger:
-    """Holds per-step figures on device; fetches, checks and writes them every N steps."""
-
-    def __init__(self, run: _Run, start_step: int):
-        self.run = run
-        self.pending: list[tuple[int, dict[str, jax.Array]]] = []
-        self.last_time = time.perf_counter()
-        self.last_step = start_step
-        self.seconds_per_step = math.nan
-
-    def add(self, step: int, figures: dict[str, jax.Array]) -> None:
-        self.pending.append((step, figures))
-
-    def flush(self, extra: Mapping[str, float] | None = None) -> dict[str, float]:
-        """Fetches pending figures; raises on a non-finite loss, naming its step."""
-        run = self.run
-        if not self.pending:
-            return {}
-        fetched = to_host([f for _, f in self.pending])
-        steps = [s for s, _ in self.pending]
-        self.pending = []
-        for s, f in zip(steps, fetched, strict=True):
-            if not np.isfinite(f["loss"]):
-                last = run.manager.latest_step()
-                raise FloatingPointError(
-                    f"The training loss is {float(f['loss'])} at step {s}: training stopped. "
-                    f"The last good checkpoint (step {last}) in {run.workdir} is kept; lower "
-                    "config.learning_rate or check the input data, then run again."
-                )
-        now = time.perf_counter()
-        done = steps[-1] - self.last_step
-        elapsed = now - self.last_time
-        self.last_time, self.last_step = now, steps[-1]
-        if done > 0:
-            self.seconds_per_step = elapsed / done
-        figures = {
-            "train_loss": float(np.mean([f["loss"] for f in fetched])),
-            "train_accuracy": float(np.mean([f["accuracy"] for f in fetched])),
-            "learning_rate": float(fetched[-1]["learning_rate"]),
-            "images_per_second": run.config.batch_size / self.seconds_per_step if done > 0 else 0.0,
-        }
-        figures.update(extra or {})
-        step = steps[-1]
-        if parallel.is_main_process():
-            run.writer.write(step, step / run.steps_per_epoch, figures)
-            run.bar.update(step, figures, self.seconds_per_step)
-        return figures
-
-
-def _setup(config: ml_collections.ConfigDict, workdir: str) -> tuple[_Run, Any]:
+def classification_task(config: ml_collections.ConfigDict, data: Data) -> loop.Task:
+    """Image classification with cross-entropy: the paper's training (section 2)."""
+    if config.train_eval not in EVALUATIONS:
+        raise ValueError(f"config.train_eval={config.train_eval!r}; choose one of {EVALUATIONS}.")
     mesh = parallel.create_mesh(config)
     parallel.check_batch(config.batch_size, mesh)
     parallel.check_batch(config.eval_batch_size, mesh, "eval_batch_size")
-    micro = config.batch_size // config.grad_accum_steps
-    if config.grad_accum_steps > 1 and micro % mesh.shape[parallel.DATA]:
-        raise ValueError(
-            f"Micro-batches of {micro} (batch_size / grad_accum_steps) do not divide across the "
-            f"{mesh.shape[parallel.DATA]} devices of the 'data' axis; change grad_accum_steps."
-        )
+    check_micro_batches(config, mesh)
     model = create_model(config)
-    spe = _data().steps_per_epoch(config)
-    channels = input_channels(config)
-    shapes, state_sharding = _abstract_state(config, model, channels, spe, mesh)
+    spe = data.steps_per_epoch(config)
+    channels = data.channels(config)
+    shapes = jax.eval_shape(lambda: init_state(config, model, channels, spe))
+    sharding = parallel.tree_shardings(shapes, mesh)
     tx = create_optimizer(config, spe, shapes.params)
     step_fn = functools.partial(
-        train_step,
-        model=model,
-        tx=tx,
-        lr_fn=learning_rate_fn(config, spe),
-        seed=config.seed,
-        accum=config.grad_accum_steps,
-        mesh=mesh,
-    )
-    repl = parallel.replicated(mesh)
-    batch_sh = parallel.batch_sharding(mesh)
-    jit_train = jax.jit(
-        step_fn,
-        in_shardings=(state_sharding, batch_sh),
-        out_shardings=(state_sharding, repl),
-        donate_argnums=0,
-    )
-    jit_eval = jax.jit(
-        functools.partial(eval_step, model=model),
-        in_shardings=(state_sharding.params, state_sharding.batch_stats, batch_sh),
-        out_shardings=repl,
-    )
-    main = parallel.is_main_process()
-    total = total_steps(config, spe)
-    plateau = create_plateau(config)
-    run = _Run(
+        train_step, model=model, tx=tx, lr_fn=learning_rate_fn(config, spe), seed=config.seed,
+        accum=config.grad_accum_steps, mesh=mesh,
+    )  # fmt: skip
+    if config.train_eval == "dense":
+        figures = ("eval_top1_accuracy", "eval_top5_accuracy")
+        evaluate = functools.partial(dense_figures, config, data, model)
+    else:
+        figures = ("eval_loss", "eval_top1_accuracy", "eval_top5_accuracy")
+        eval_fn = jax.jit(
+            functools.partial(eval_step, model=model),
+            in_shardings=(sharding.params, sharding.batch_stats, parallel.batch_sharding(mesh)),
+            out_shardings=parallel.replicated(mesh),
+        )
+        evaluate = functools.partial(central_figures, config, data, eval_fn, mesh)
+    return loop.Task(
         config=config,
-        workdir=workdir,
-        mesh=mesh,
         model=model,
+        mesh=mesh,
         steps_per_epoch=spe,
-        total_steps=total,
-        state_sharding=state_sharding,
-        train_step=jit_train,
-        eval_step=jit_eval,
-        plateau=plateau,
-        plateau_update=jax.jit(
-            lambda state, value: plateau.update(updates={}, state=state, value=value),
-            out_shardings=repl,
-        ),
-        manager=checkpoints.state_manager(workdir, keep=config.keep_checkpoints),
-        best=checkpoints.best_manager(workdir),
-        writer=metrics_lib.MetricsWriter(
-            workdir, enabled=main, tensorboard=config.get("tensorboard", True)
-        ),
-        bar=metrics_lib.ProgressBar(total, spe, enabled=main and config.progress_bar),
-        meta={"model": config.model, "best_accuracy": -1.0, "best_step": -1},
+        total_steps=total_steps(config, spe),
+        abstract_state=shapes,
+        state_sharding=sharding,
+        init_state=functools.partial(initial_state, config, model, channels, spe, sharding),
+        batches=lambda start: data.train_dataset(config, start_step=start),
+        train_step=jit_step(step_fn, sharding, mesh),
+        evaluate=evaluate,
+        eval_figures=figures,
+        plateau_metric=config.plateau_metric or "eval_top1_accuracy",
+        best_metric=config.best_metric or "eval_top1_accuracy",
+        plateau=create_plateau(config),
+        describe_eval=_describe(spe),
     )
-    return run, (shapes, channels)
 
 
-def _initial_state(run: _Run, shapes: Any, channels: int) -> TrainState:
-    config = run.config
-    init = jax.jit(
-        lambda: init_state(config, run.model, channels, run.steps_per_epoch),
-        out_shardings=run.state_sharding,
-    )
-    state = init()
-    if config.init_from:
-        source = load_init_source(config.init_from)
-        params = transfer_params(
-            to_host(state.params), source.variables["params"], config.init_from_mode, run.say
-        )
-        params = jax.device_put(params, run.state_sharding.params)
-        tx = create_optimizer(config, run.steps_per_epoch, params)
-        state = state.replace(
-            params=params, opt_state=jax.device_put(tx.init(params), run.state_sharding.opt_state)
-        )
-        if state.batch_stats:
-            stats = transfer_batch_stats(
-                to_host(state.batch_stats), source.variables.get("batch_stats", {})
-            )
-            state = state.replace(batch_stats=jax.device_put(stats, run.state_sharding.batch_stats))
-    return state
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, data: Data | None = None
+) -> dict[str, Any]:
+    """Trains (or resumes) the experiment `config` in `workdir`; returns the final figures.
 
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Trains (or resumes) the experiment `config` in `workdir`; returns the final figures."""
+    `data`: where the examples come from (default: the input pipeline).
+    """
     configuration.validate_config(config)
     parallel.initialize_distributed(config)
-    workdir = fileio.absolute(workdir)
-    fileio.makedirs(workdir)
-    run, (shapes, channels) = _setup(config, workdir)
-    latest = run.manager.latest_step()
-    if latest is not None:
-        state, meta = _restore(run, latest, shapes)
-        run.meta.update({k: v for k, v in meta.items() if k in ("best_accuracy", "best_step")})
-        if latest >= run.total_steps:
-            run.say(
-                f"The run in {workdir} is complete (step {latest} of {run.total_steps}, best "
-                f"validation top-1 {run.meta['best_accuracy']:.4f}); nothing to do. Use a new "
-                "--workdir to train again, or raise num_epochs/max_steps to continue."
-            )
-            run.manager.close()
-            run.best.close()
-            return {"step": latest, "complete": True, **run.meta}
-        run.say(f"Resuming from step {latest} in {workdir}.")
-    else:
-        if parallel.is_main_process():
-            save_config(config, workdir)
-        state = _initial_state(run, shapes, channels)
-    try:
-        return _loop(run, state)
-    finally:
-        run.manager.wait_until_finished()
-        run.best.wait_until_finished()
-        run.manager.close()
-        run.best.close()
-        run.writer.close()
-
-
-def _loop(run: _Run, state: TrainState) -> dict[str, Any]:
-    config = run.config
-    step = int(to_host(state.step))
-    data: Iterator = _data().train_dataset(config, start_step=step)
-    logger = _Logger(run, step)
-    figures: dict[str, float] = {}
-    with Preemption() as preemption:
-        while step < run.total_steps:
-            batch = parallel.global_batch(next(data), run.mesh)
-            state, step_figures = run.train_step(state, batch)
-            step += 1
-            logger.add(step, step_figures)
-            epoch_end = step % run.steps_per_epoch == 0
-            last = step == run.total_steps
-            evaluate = last or (
-                epoch_end and (step // run.steps_per_epoch) % config.eval_every_epochs == 0
-            )
-            save = epoch_end or last or step % config.checkpoint_every_steps == 0
-            if evaluate:
-                logger.flush()
-                ev = _evaluate(run, state)
-                state = _after_eval(run, state, ev)
-                run.say(
-                    f"step {step} (epoch {step / run.steps_per_epoch:.2f}): validation top-1 "
-                    f"{ev['eval_top1_accuracy']:.4f}, top-5 {ev['eval_top5_accuracy']:.4f}"
-                )
-                figures = logger.flush(ev) or figures
-                if parallel.is_main_process():
-                    run.writer.write(step, step / run.steps_per_epoch, ev)
-                figures.update(ev)
-            elif step % config.log_every_steps == 0 or save:
-                figures = logger.flush() or figures
-            if save:
-                _save(run, state, finished=last)
-            if preemption.requested and not last:
-                logger.flush()
-                _save(run, state)
-                run.manager.wait_until_finished()
-                run.say(f"SIGTERM: saved step {step} in {run.workdir}; run again to resume.")
-                return {"step": step, "preempted": True, **figures}
-    run.manager.wait_until_finished()
-    if parallel.is_main_process():
-        metrics_lib.plot_curves(run.workdir)
-        final = figures.get("eval_top1_accuracy", math.nan)
-        run.say(
-            f"Finished step {step}: validation top-1 {final:.4f}"
-            f" (best {run.meta['best_accuracy']:.4f}). Curves: "
-            f"{fileio.join(run.workdir, metrics_lib.CURVES_FILE)}"
+    outcome = loop.run(classification_task(config, data or pipeline_data()), workdir)
+    summary = outcome.summary
+    if outcome.complete and "eval_top1_accuracy" in summary and parallel.is_main_process():
+        best = summary.get("best_value")
+        metrics_lib.ProgressBar(1, 1, enabled=False).message(
+            f"Finished step {summary['step']}: validation top-1 "
+            f"{summary['eval_top1_accuracy']:.4f} (best {math.nan if best is None else best:.4f})."
+            f" Curves: {fileio.join(fileio.absolute(workdir), metrics_lib.CURVES_FILE)}"
         )
-    return {"step": step, "complete": True, **figures, **run.meta}
+    return summary
 
 
 # ---------------------------------------------------------------------------
 # Command line.
+
 
 
 def use_compilation_cache() -> None:
@@ -735,7 +615,7 @@ def main(argv: list[str]) -> None:
     use_compilation_cache()
     try:
         train_and_evaluate(config, flags.FLAGS.workdir)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    except (ValueError, FileNotFoundError, FloatingPointError, workdir_lock.WorkdirInUse) as e:
         sys.exit(f"Error: {e}")
 
 
