@@ -257,3 +257,10 @@ def test_resume_refuses_a_localization_block_the_run_did_not_have():
     new.localization = configuration.schemas()["localization"].defaults()
     with pytest.raises(ValueError, match=r"localization\.head: \(absent\) -> 'scr'"):
         configuration.check_resume(_stored(classification), new)
+
+
+def test_every_resumable_field_is_a_field_of_its_schema():
+    fields = set(configuration.default_config().keys()) | set(configuration.EXTRA_FIELDS)
+    assert set(configuration.RESUMABLE_FIELDS) <= fields
+    for name, schema in configuration.schemas().items():
+        assert set(schema.resumable) <= set(schema.defaults().keys()), name

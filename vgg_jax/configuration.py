@@ -70,6 +70,9 @@ RESUMABLE_FIELDS = (
     "eval_batch_size",
     "checkpoint_every_steps",
     "keep_checkpoints",
+    # The divergence guard's threshold: when to stop, not what a step computes (raising
+    # it lets a run that stopped on a harmless spike continue).
+    "divergence_factor",
     # Where the same data lives (another disk or machine after a preemption).
     "data_dir",
     "manual_dir",
@@ -404,6 +407,14 @@ def check_resume(
     the caller reports and then records by rewriting config.json. Raises ValueError,
     one line naming each other differing field (old -> new) and the way out, unless
     `new.resume_override` is set: then every difference is accepted and returned.
+
+    The trainer calls it on every process when a checkpoint exists, before restoring:
+
+        changes = configuration.check_resume(
+            checkpoints.read_run_config(workdir), config, workdir)  # ValueError: refused
+        if changes and parallel.is_main_process():
+            save_config(config, workdir)  # config.json describes the run as it goes on
+            say("Resuming with " + "; ".join(changes))
     """
     diffs = config_differences(stored, new)
     lines = {k: f"{k}: {_show(a)} -> {_show(b)}" for k, (a, b) in diffs.items()}
@@ -496,4 +507,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from vgg_jax import cli
+
+    cli.run(main)  # a config file's syntax error etc.: one line, not a traceback
