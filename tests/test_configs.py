@@ -12,6 +12,12 @@ from vgg_jax import configuration, train
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 PAPER = ("vgg11", "vgg11_lrn", "vgg13", "vgg16_c", "vgg16", "vgg19")
+# Every experiment file: configs/*.py but the package, the defaults and paper.py (a helper).
+EXPERIMENTS = sorted(
+    name[:-3]
+    for name in os.listdir(CONFIGS)
+    if name.endswith(".py") and name not in ("__init__.py", "default.py", "paper.py")
+)
 
 
 def load(name: str, variant: str | None = None):
@@ -35,6 +41,16 @@ def test_paper_configs_and_scale_variants(name):
         configuration.validate_config(config)
     with pytest.raises(ValueError, match="Unknown variant"):
         load(name, "512")
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_variant_of_every_experiment_file_validates_for_its_task(name):
+    module = configuration.load_config_module(os.path.join(CONFIGS, name + ".py"))
+    variants = getattr(module, "VARIANTS", (None,))  # vgg*.py: the paper test above
+    for variant in variants:
+        configuration.check_file(module.get_config(variant))  # localisation: its block too
+    with pytest.raises(ValueError, match="Unknown variant"):
+        module.get_config("no-such-variant")
 
 
 def test_fashion_mnist_seed_setup():
