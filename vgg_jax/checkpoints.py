@@ -146,14 +146,21 @@ def is_bundle(path: str | os.PathLike) -> bool:
 
 
 def load_bundle(path: str | os.PathLike) -> ModelBundle:
-    """Reads a bundle directory written by `save_bundle`, checking shapes against the model."""
+    """Reads a bundle directory written by `save_bundle`, checking shapes against the model.
+
+    A training run's workdir is accepted too: its best model (`load_workdir(path, "best")`).
+    """
     path = fileio.absolute(path)
     meta_path = fileio.join(path, BUNDLE_FILE)
     if not fileio.isfile(meta_path):
+        if fileio.isfile(fileio.join(path, CONFIG_FILE)):
+            return load_workdir(path, "best")
+        if not fileio.exists(path):
+            raise FileNotFoundError(f"{path} does not exist; give a model bundle directory.")
         raise FileNotFoundError(
             f"{path} is not a vgg_jax model bundle: {BUNDLE_FILE} is missing. Bundles are "
             "written by `python -m vgg_jax.convert` or `vgg_jax.checkpoints.save_bundle`; a "
-            "training run's directory is loaded with `--workdir` instead."
+            f"training run's workdir (with {CONFIG_FILE}) is accepted too."
         )
     try:
         meta = json.loads(fileio.read_text(meta_path))
