@@ -137,6 +137,8 @@ def test_a_registered_schema_is_accepted_and_checked(monkeypatch):
             raise ValueError("config.probe.iou must lie in (0, 1).")
 
     configuration.register_schema("probe", defaults, validate)
+    with pytest.raises(ValueError, match="cannot name a task schema"):
+        configuration.register_schema("model", defaults, validate)  # a top-level field
     config = _config("vgg11.py")
     config.probe = defaults()
     configuration.validate_config(config)  # known as a block, not an unknown field

@@ -226,8 +226,8 @@ def register_schema(
     resumable: Sequence[str] = (),
 ) -> Schema:
     """Registers the task `name`, whose fields live in `config.<name>`."""
-    if name == CLASSIFICATION or name in EXTRA_FIELDS:
-        raise ValueError(f"{name!r} cannot name a task schema.")
+    if name == CLASSIFICATION or name in EXTRA_FIELDS or name in default_config():
+        raise ValueError(f"{name!r} cannot name a task schema: it is a field or task already.")
     schema = Schema(name, defaults, validate, example, tuple(resumable))
     SCHEMAS[name] = schema
     return schema
