@@ -208,7 +208,7 @@ def _free_port() -> int:
 
 @needs_fashion_mnist
 def test_localisation_on_two_processes_matches_one(tmp_path):
-    run = {"num_devices": 0, "max_steps": 2}
+    run = {"num_devices": 0, "max_steps": 2, "model": "vgg11"}
     port = _free_port()
     env = {
         **os.environ,

@@ -393,3 +393,18 @@ def test_metrics_file_and_curves(tmp_path):
     assert png.ndim == 3 and png.shape[0] > 100
     with open(tmp_path / "config.json") as f:
         assert json.load(f)["model"] == "vgg11"
+
+
+def test_dense_end_of_epoch_evaluation_and_any_figure_picks_the_best(tmp_path, dp8_run):
+    # At Q = image_size the dense protocol sees each 32x32 image once (a 1x1 score map):
+    # the central crop's figures, computed through evaluate.DenseEvaluator instead.
+    result = _train(tmp_path / "dense", train_eval="dense", train_eval_scales=(32,),
+                    best_metric="eval_top5_accuracy")  # fmt: skip
+    central = [r for r in metrics.read_metrics(str(dp8_run)) if "eval_top1_accuracy" in r][-1]
+    dense = [r for r in metrics.read_metrics(str(tmp_path / "dense")) if "eval_top1_accuracy" in r]
+    assert "eval_loss" not in dense[-1]  # the dense protocol's figures only
+    for key in ("eval_top1_accuracy", "eval_top5_accuracy"):
+        assert abs(dense[-1][key] - central[key]) <= 1 / 20 + 1e-9, key  # at most one image
+    assert result["best_metric"] == "eval_top5_accuracy"
+    with pytest.raises(ValueError, match=r"best_metric='eval_top9'.*eval_top5_accuracy"):
+        _train(tmp_path / "typo", best_metric="eval_top9")

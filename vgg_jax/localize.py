@@ -35,8 +35,12 @@ has seen objects at canvas positions and scales).
 
 A workdir ends up holding a model bundle (`checkpoints.save_bundle`: the
 variables, preprocessing and, in its metadata, the head, classes and
-classifier), `config.json`, `metrics.jsonl` and the training checkpoints
-(`checkpoints/`), from which a killed run resumes.
+classifier), `config.json`, `metrics.jsonl`, the training checkpoints
+(`checkpoints/`), from which a killed run resumes, and `best/` (the lowest
+validation localisation error). Training is a task of the one loop
+(`vgg_jax.loop`, `localization_task`): multi-host, `grad_accum_steps`, the
+plateau schedule on `eval_loc_error`. Protocol (2) and the command line are in
+`vgg_jax.localize_eval`.
 """
 
 from __future__ import annotations

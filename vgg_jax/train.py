@@ -1,9 +1,13 @@
 """Training: the paper's recipe (PAPER.md, section 2) as a sharded `jax.jit` train step.
 
-`train_and_evaluate(config, workdir)` runs a whole experiment: it resumes from
-the newest checkpoint in `workdir` if there is one, trains with SGD + momentum
-and L2 weight decay, evaluates after each epoch, adapts the learning rate
-(plateau, step or cosine), checkpoints, and writes metrics and curves.
+`train_and_evaluate(config, workdir)` runs a whole experiment: the
+classification task (`classification_task`: SGD + momentum and L2 weight decay
+on cross-entropy, an evaluation after each epoch, the learning-rate schedule)
+on the one training loop (`vgg_jax.loop`: resume, checkpoints, best variables,
+SIGTERM, divergence stop, metrics and curves). The end-of-epoch evaluation is
+the central crop (`config.train_eval="central"`) or the paper's dense protocol
+(`"dense"`, at `config.train_eval_scales`); the data come from the input
+pipeline unless a `Data` is passed (the tests' fake data).
 
     python -m vgg_jax.train --config configs/vgg16.py --workdir runs/vgg16
     python -m vgg_jax.train --config configs/fashion_mnist.py:quick --workdir runs/fm \
