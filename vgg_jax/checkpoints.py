@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import sys
@@ -238,6 +239,30 @@ def check_variables(
             )
 
 
+def input_channels(variables: Mapping[str, Any]) -> int:
+    """The input channel count of a VGG's variables (conv1_1's kernel)."""
+    return int(np.shape(variables["params"]["features"]["conv1_1"]["kernel"])[2])
+
+
+def check_fits_data(
+    bundle: ModelBundle, num_classes: int | None, channels: int | None, data: str
+) -> None:
+    """Raises a ValueError if `bundle` cannot be evaluated on `data` (another class or
+    channel count); None skips a check."""
+    if num_classes is not None and bundle.num_classes != num_classes:
+        raise ValueError(
+            f"{bundle.name} has {bundle.num_classes} classes but {data} has {num_classes}; "
+            "evaluate a model trained (or fine-tuned) on this dataset."
+        )
+    have = input_channels(bundle.variables)
+    if channels is not None and have != channels:
+        raise ValueError(
+            f"{bundle.name} takes {have}-channel images but {data} has {channels}-channel "
+            "images; use a model for this data (`convert --in-channels 1` adapts RGB weights "
+            "to greyscale)."
+        )
+
+
 def _flatten(tree: Any) -> dict[str, Any]:
     flat = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
@@ -285,16 +310,33 @@ def state_manager(workdir: str, keep: int = 3, read_only: bool = False) -> ocp.C
     it when complete, so a run killed while saving leaves nothing that is loaded.
     """
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=not read_only, read_only=read_only, cleanup_tmp_directories=True
+        max_to_keep=None if read_only else keep,  # orbax warns when a reader sets it
+        create=not read_only,
+        read_only=read_only,
+        cleanup_tmp_directories=True,
     )
-    return ocp.CheckpointManager(
-        fileio.join(fileio.absolute(workdir), STATE_DIR),
-        options=options,
-        item_handlers={
-            "state": ocp.StandardCheckpointHandler(),
-            "meta": ocp.JsonCheckpointHandler(),
-        },
-    )
+    with _quiet_if(read_only):
+        return ocp.CheckpointManager(
+            fileio.join(fileio.absolute(workdir), STATE_DIR),
+            options=options,
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler(),
+            },
+        )
+
+
+@contextlib.contextmanager
+def _quiet_if(quiet: bool) -> Iterator[None]:
+    """Silences orbax's warnings (absl logging) that a read-only manager is read-only."""
+    logger = logging.getLogger("absl")
+    old = logger.level
+    if quiet:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(old)
 
 
 def save_state(manager: ocp.CheckpointManager, step: int, state: Any, meta: Any) -> None:
@@ -514,7 +556,7 @@ def best_manager(
     if mode not in ("max", "min"):
         raise ValueError(f"mode must be 'max' or 'min', got {mode!r}.")
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=1,
+        max_to_keep=None if read_only else 1,
         best_fn=lambda m: m[metric],
         best_mode=mode,
         # Synchronous: a second manager saving in the background beside the state manager's
@@ -527,11 +569,12 @@ def best_manager(
         read_only=read_only,
         cleanup_tmp_directories=not read_only,
     )
-    return ocp.CheckpointManager(
-        fileio.join(fileio.absolute(workdir), BEST_DIR),
-        options=options,
-        item_handlers={"variables": ocp.StandardCheckpointHandler()},
-    )
+    with _quiet_if(read_only):
+        return ocp.CheckpointManager(
+            fileio.join(fileio.absolute(workdir), BEST_DIR),
+            options=options,
+            item_handlers={"variables": ocp.StandardCheckpointHandler()},
+        )
 
 
 def save_best(

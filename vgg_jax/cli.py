@@ -24,6 +24,7 @@ exit status 1, never a traceback:
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import re
 import sys
@@ -61,13 +62,38 @@ def run(main: Callable[..., Any], *args: Any, **kwargs: Any) -> NoReturn:
     debug = debug_requested()
     if DEBUG_FLAG in sys.argv[1:]:
         sys.argv = [a for a in sys.argv if a != DEBUG_FLAG]
+    hook, handlers = threading.excepthook, _log_handlers()
     if not debug:
         threading.excepthook = _thread_error  # background savers: no traceback either
+        for handler in handlers:  # nor in what they log (orbax does)
+            handler.addFilter(_without_traceback)
     try:
-        result = main(*args, **kwargs)
-    except SystemExit as e:
-        if isinstance(e.code, str) and _TRACEBACK in e.code and not debug:
-            sys.exit(_fold(e.code))
+        result = _call(main, debug, *args, **kwargs)
+    finally:
+        threading.excepthook = hook
+        for handler in handlers:
+            handler.removeFilter(_without_traceback)
+    sys.exit(result if isinstance(result, int) else 0)
+
+
+def _log_handlers() -> list[logging.Handler]:
+    """The root logger's handlers and absl's (which absl's app.run installs later)."""
+    from absl import logging as absl_logging
+
+    handlers = list(logging.getLogger().handlers)
+    absl = absl_logging.get_absl_handler()
+    return handlers + ([absl] if absl not in handlers else [])
+
+
+def _call(main: Callable[..., Any], debug: bool, *args: Any, **kwargs: Any) -> Any:
+    try:
+        return main(*args, **kwargs)
+    except SystemExit as e:  # a command's own "Error: ..." exit, which may need rewording
+        if isinstance(e.code, str) and not debug:
+            if _NO_SPACE in e.code:
+                sys.exit(_disk_full(None, sys.argv))
+            if _TRACEBACK in e.code:
+                sys.exit(_fold(e.code))
         raise
     except KeyboardInterrupt:
         if debug:
@@ -77,7 +103,12 @@ def run(main: Callable[..., Any], *args: Any, **kwargs: Any) -> NoReturn:
         if debug:
             raise
         sys.exit(describe(e, sys.argv))
-    sys.exit(result if isinstance(result, int) else 0)
+
+
+def _without_traceback(record: logging.LogRecord) -> bool:
+    """A logging filter that keeps a record's message but drops its traceback."""
+    record.exc_info, record.exc_text, record.stack_info = None, None, None
+    return True
 
 
 def _thread_error(args: threading.ExceptHookArgs) -> None:
@@ -177,7 +208,7 @@ def _workdir_from(argv: list[str]) -> str | None:
     return None
 
 
-def _disk_full(error: BaseException, argv: list[str]) -> str:
+def _disk_full(error: BaseException | None, argv: list[str]) -> str:
     where = f" ({error.filename})" if isinstance(error, OSError) and error.filename else ""
     line = f"Error: no space left on device{where}."
     workdir = _workdir_from(argv)
