@@ -64,6 +64,7 @@ from vgg_jax import (
     loop,
     models,
     parallel,
+    steps,
     train,
 )
 from vgg_jax import localization_data as ldata
@@ -237,14 +238,14 @@ def local_rows(batches: Iterator[dict[str, np.ndarray]]) -> Iterator[dict[str, n
         yield {k: v[pi * n : (pi + 1) * n] for k, v in batch.items()}
 
 
-def localization_loss(config: ml_collections.ConfigDict, model: models.VGG) -> train.LossFn:
+def localization_loss(config: ml_collections.ConfigDict, model: models.VGG) -> steps.LossFn:
     """Cross-entropy (task "classify") or the Euclidean box loss (task "localize")."""
     loc = config.localization
     preprocess = checkpoints.Preprocessing.from_config(config)
 
     def loss_fn(params, batch_stats, batch, key):
         variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
-        outputs, batch_stats = train.apply_train(model, variables, preprocess(batch["image"]), key)
+        outputs, batch_stats = steps.apply_train(model, variables, preprocess(batch["image"]), key)
         if loc.task == "classify":
             loss = train.cross_entropy(outputs, batch["label"]).mean()
             correct = jnp.sum(jnp.argmax(outputs, -1) == batch["label"])
@@ -309,7 +310,7 @@ def localization_task(config: ml_collections.ConfigDict, batches: Batches) -> lo
     """The box-regression (or rating-classifier) net of `config` as a task of the loop."""
     mesh = parallel.create_mesh(config)
     parallel.check_batch(config.batch_size, mesh)
-    train.check_micro_batches(config, mesh)
+    steps.check_micro_batches(config, mesh)
     model = create_model(config)
     spe = steps_per_epoch(config)
     eval_set = eval_crops(config)
@@ -318,7 +319,7 @@ def localization_task(config: ml_collections.ConfigDict, batches: Batches) -> lo
     sharding = parallel.tree_shardings(shapes, mesh)
     tx = train.create_optimizer(config, spe, shapes.params)
     step_fn = functools.partial(
-        train.sgd_step,
+        steps.sgd_step,
         loss_fn=localization_loss(config, model),
         tx=tx,
         lr_fn=train.learning_rate_fn(config, spe),
@@ -340,7 +341,7 @@ def localization_task(config: ml_collections.ConfigDict, batches: Batches) -> lo
             train.initial_state, config, model, channels, spe, sharding
         ),
         batches=lambda start: local_rows(batches(config, start)),
-        train_step=train.jit_step(step_fn, sharding, mesh),
+        train_step=steps.jit_step(step_fn, sharding, mesh),
         evaluate=functools.partial(_evaluate_state, config, model, eval_set),
         eval_figures=figures,
         plateau_metric=config.plateau_metric or figures[0],
