@@ -9,6 +9,12 @@ A *model bundle* is a directory holding
 Bundles are what `convert` writes and what `evaluate`, `predict`,
 `score_map` and fine-tuning (`config.init_from`) read. No pickle is involved:
 orbax stores arrays in tensorstore and the metadata is JSON.
+
+A *training run's workdir* holds config.json, checkpoints/ (training states)
+and best/ (the best evaluation's variables); each finalized step carries the
+checksums of its files, and readers fall back past damaged steps (see the
+section below and docs/robustness.md). The module is over 600 lines because it
+is one idea: what is saved on disk, and how it is read back and trusted.
 """
 
 from __future__ import annotations
