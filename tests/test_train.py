@@ -240,10 +240,15 @@ def test_finished_run_is_not_overwritten_and_tmp_checkpoint_is_ignored(tmp_path,
 
 def test_checkpoint_of_another_model_is_refused(tmp_path, dp8_run):
     tmp_path = _copy(dp8_run, tmp_path)
-    with pytest.raises(ValueError, match=r"conv1_2"):
+    with pytest.raises(ValueError, match=r"model: .?vgg11.? -> .?vgg13"):  # the config check
         _train(tmp_path, model="vgg13", max_steps=4)
+    # Past the config check (resume_override), the checkpoint itself names the parameter.
+    with pytest.raises(ValueError, match=r"conv1_2"):
+        _train(tmp_path, model="vgg13", max_steps=4, resume_override=True)
     with pytest.raises(ValueError, match=r"params/fc6/.* has shape \(32,?\)"):
-        _train(tmp_path, fc_width=64, max_steps=4)
+        _train(tmp_path, fc_width=64, max_steps=4, resume_override=True)
+    # A resume that failed records nothing: config.json still describes the checkpoints.
+    assert json.loads((tmp_path / "config.json").read_text())["model"] == "vgg11"
 
 
 def test_nan_loss_stops_naming_the_step_and_sets_aside_what_it_computed(tmp_path, monkeypatch):

@@ -357,26 +357,24 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 AFTER_DIVERGENCE_FIELDS = ("learning_rate", "warmup_epochs")
 
 
-def check_resumable(config: ml_collections.ConfigDict, workdir: str, say) -> None:
-    """Refuses a resume whose config differs in fields that must not change (configuration).
+def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
+    """The config differences a resume accepts; refuses the others (configuration.check_resume).
 
     `config.resume_override=True` accepts any difference. After a divergence stop
     (workdir/diverged exists) the learning rate and warm-up may change too, as the
-    stop's message advises. Accepted differences are reported and config.json rewritten.
+    stop's message advises. The caller records accepted differences in config.json
+    once the checkpoint has been restored.
     """
     if not fileio.isfile(fileio.join(workdir, checkpoints.CONFIG_FILE)):
-        return
+        return []
     stored = checkpoints.read_run_config(workdir)
     try:
-        accepted = configuration.check_resume(stored, config, workdir)
+        return configuration.check_resume(stored, config, workdir)
     except ValueError:
         accepted = _after_divergence(stored, config, workdir)
         if accepted is None:
             raise
-    if accepted:
-        say(f"Resuming with a changed config: {'; '.join(accepted)} (config.json rewritten).")
-        if parallel.is_main_process():
-            save_config(config, workdir)
+        return accepted
 
 
 def _after_divergence(stored: dict, config, workdir: str) -> list[str] | None:
@@ -497,8 +495,13 @@ def _run(run: _Run) -> Outcome:
     task, config, workdir = run.task, run.config, run.workdir
     latest = checkpoints.newest_intact_step(run.manager, workdir, run.say)
     if latest is not None:
-        check_resumable(config, workdir, run.say)
+        accepted = check_resumable(config, workdir)
         state, meta = _restore(run, latest)
+        if accepted:
+            changed = "; ".join(accepted)
+            run.say(f"Resuming with a changed config: {changed} (config.json rewritten).")
+            if parallel.is_main_process():
+                save_config(config, workdir)
         run.meta.update(_restored_meta(meta))
         if latest >= task.total_steps:
             best = run.meta.get("best_value")
