@@ -32,12 +32,13 @@ import math
 import os
 import re
 import sys
+import zipfile
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from vgg_jax import checkpoints, imagenet_classes, models
+from vgg_jax import checkpoints, download, file_formats, imagenet_classes, models
 from vgg_jax.checkpoints import ModelBundle, Preprocessing
 
 TORCHVISION_PREPROCESSING = Preprocessing(
@@ -58,11 +59,13 @@ TORCHVISION_MODELS += ("vgg19_bn",)
 TORCHVISION_POOL = 7  # torchvision's AdaptiveAvgPool2d((7, 7)) before FC1
 FORMATS = ("torchvision", "keras")
 
-_HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
-_ZIP_MAGIC = b"PK\x03\x04"
-# torch.save's legacy (pre-1.6) format, which torchvision's VGG downloads still use:
-# a pickled magic number, read safely by torch.load(weights_only=True).
-_LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+_KIND_FORMAT = {
+    "hdf5": "keras",
+    "keras_zip": "keras",
+    "torch_zip": "torchvision",
+    "torch_legacy": "torchvision",
+    "safetensors": "torchvision",
+}
 
 
 class ConversionError(ValueError):
@@ -166,6 +169,7 @@ def from_torchvision(
             f"{source} is missing {len(missing)} of the {spec.name} keys, for example "
             f"{missing[:4]}. The file is incomplete or not a torchvision {spec.name} state dict."
         )
+    _check_shapes(_torchvision_shapes(state, spec), state, f"{source} ({spec.name})")
     features, stats = _torchvision_features(state, spec)
     channels = features[torchvision_layout(spec)[-1][0]]["kernel"].shape[-1]
     fc6, image_size = _torchvision_fc6(state["classifier.0.weight"], channels, image_size, source)
@@ -182,6 +186,48 @@ def from_torchvision(
     return _make_bundle(
         spec.name, variables, image_size, TORCHVISION_PREPROCESSING, metadata, source
     )
+
+
+def _torchvision_shapes(state: Mapping[str, np.ndarray], spec: models.VGGSpec) -> dict:
+    """{file key: the shape a torchvision state dict of this spec needs}, widths read off the file.
+
+    The widths come from the first conv (width_divisor) and the classifier (fc
+    width, classes), so a width-reduced file is checked against its own model.
+    """
+    widths = [w // max(1, models.STAGE_WIDTHS[0] // state["features.0.weight"].shape[0])
+              for w in models.STAGE_WIDTHS]  # fmt: skip
+    shapes, cin = {}, 3
+    layout = iter(torchvision_layout(spec))
+    for stage, kernels in enumerate(spec.stages):
+        for k in kernels:
+            _, conv, bn = next(layout)
+            width = widths[stage]
+            shapes[f"features.{conv}.weight"] = (width, cin, k, k)
+            shapes[f"features.{conv}.bias"] = (width,)
+            for leaf in ("weight", "bias", "running_mean", "running_var") if bn is not None else ():
+                shapes[f"features.{bn}.{leaf}"] = (width,)
+            cin = width
+    fc_in = state["classifier.0.weight"].shape[1]
+    window = math.isqrt(fc_in // cin)
+    window = window if window * window * cin == fc_in else TORCHVISION_POOL
+    fc, classes = state["classifier.3.weight"].shape[0], state["classifier.6.weight"].shape[0]
+    layers = ((0, (fc, cin * window * window)), (3, (fc, fc)), (6, (classes, fc)))
+    for index, (n_out, n_in) in layers:
+        shapes[f"classifier.{index}.weight"] = (n_out, n_in)
+        shapes[f"classifier.{index}.bias"] = (n_out,)
+    return shapes
+
+
+def _check_shapes(expected: Mapping[str, tuple], arrays: Mapping[str, Any], source: str) -> None:
+    """Names wrong shapes by the file's own keys, with the shapes the model needs."""
+    wrong = [
+        f"{key} has shape {tuple(np.shape(arrays[key]))}, expected {tuple(want)}"
+        for key, want in expected.items()
+        if key in arrays and tuple(np.shape(arrays[key])) != tuple(want)
+    ]
+    if wrong:
+        more = f" (and {len(wrong) - 3} more)" if len(wrong) > 3 else ""
+        raise ConversionError(f"{source}: {'; '.join(wrong[:3])}{more}.")
 
 
 def _torchvision_features(
@@ -340,8 +386,9 @@ def read_keras_file(path: str) -> list[tuple[str, dict[str, np.ndarray]]]:
     import h5py
 
     try:
-        f = h5py.File(path, "r")
-    except OSError as e:
+        is_zip = file_formats.describe(path) == "keras_zip"
+        f = h5py.File(file_formats.keras_weights_bytes(path) if is_zip else path, "r")
+    except (OSError, zipfile.BadZipFile) as e:
         raise ConversionError(
             f"{path} could not be opened as an HDF5 Keras weights file ({e}). It is truncated "
             "or not a Keras file; download or save it again."
@@ -396,6 +443,7 @@ def from_keras_layers(
             f"{source} holds a {detected} ({len(convs)} conv layers), not a {want.name} "
             f"({len(models.conv_layer_names(want))} conv layers). Pass --model {detected}."
         )
+    _check_shapes(*_keras_shapes(layers, models.get_spec(detected)), f"{source} ({detected})")
     params: dict[str, Any] = {"features": {}}
     for name, arrays in zip(models.conv_layer_names(models.get_spec(detected)), convs, strict=True):
         params["features"][name] = {"kernel": arrays["kernel"], "bias": arrays["bias"]}
@@ -419,38 +467,56 @@ def from_keras_layers(
     )
 
 
+def _keras_shapes(
+    layers: list[tuple[str, dict[str, np.ndarray]]], spec: models.VGGSpec
+) -> tuple[dict[str, tuple], dict[str, np.ndarray]]:
+    """({'layer/kernel': needed shape}, {'layer/kernel': array}) under the file's layer names."""
+    convs = [(n, a) for n, a in layers if a["kernel"].ndim == 4]
+    dense = [(n, a) for n, a in layers if a["kernel"].ndim == 2]
+    divisor = max(1, models.STAGE_WIDTHS[0] // convs[0][1]["kernel"].shape[-1])
+    kernels = [
+        (k, models.STAGE_WIDTHS[stage] // divisor)
+        for stage, ks in enumerate(spec.stages)
+        for k in ks
+    ]
+    shapes, arrays, cin = {}, {}, 3
+    for (name, a), (k, width) in zip(convs, kernels, strict=True):
+        shapes[f"{name}/kernel"], shapes[f"{name}/bias"] = (k, k, cin, width), (width,)
+        arrays[f"{name}/kernel"], arrays[f"{name}/bias"] = a["kernel"], a["bias"]
+        cin = width
+    fc_in = dense[0][1]["kernel"].shape[0]
+    window = math.isqrt(fc_in // cin)
+    window = window if window * window * cin == fc_in else 7
+    fc, classes = dense[1][1]["kernel"].shape[1], dense[2][1]["kernel"].shape[1]
+    for (name, a), (n_in, n_out) in zip(
+        dense, ((cin * window * window, fc), (fc, fc), (fc, classes)), strict=True
+    ):
+        shapes[f"{name}/kernel"], shapes[f"{name}/bias"] = (n_in, n_out), (n_out,)
+        arrays[f"{name}/kernel"], arrays[f"{name}/bias"] = a["kernel"], a["bias"]
+    return shapes, arrays
+
+
 # ---------------------------------------------------------------------------
 # Files
 
 
 def sniff_format(path: str) -> str:
-    """'keras' for HDF5, 'torchvision' for safetensors or a PyTorch zip; errors otherwise."""
+    """'keras' (HDF5, .keras zip) or 'torchvision' (safetensors, PyTorch); errors otherwise."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No such weights file: {path}")
-    with open(path, "rb") as f:
-        head = f.read(16)
-    if head.startswith(_HDF5_MAGIC):
-        return "keras"
-    if head.startswith((_ZIP_MAGIC, _LEGACY_TORCH_MAGIC)) or _looks_like_safetensors(head):
-        return "torchvision"
-    raise ConversionError(
-        f"{path} is not a weights file vgg_jax reads: not HDF5 (Keras .h5), not safetensors "
-        "and not a PyTorch checkpoint (.pth from torch.save)."
-    )
-
-
-def _looks_like_safetensors(head: bytes) -> bool:
-    if len(head) < 9:
-        return False
-    header_len = int.from_bytes(head[:8], "little")
-    return 0 < header_len < 100_000_000 and head[8:9] == b"{"
+    kind = file_formats.describe(path)
+    if kind not in _KIND_FORMAT:
+        raise ConversionError(
+            f"{path} is not a weights file vgg_jax reads (not HDF5, not a .keras archive, not "
+            "safetensors and not a PyTorch checkpoint). Formats read: "
+            f"{'; '.join(file_formats.READ_FORMATS)}."
+        )
+    return _KIND_FORMAT[kind]
 
 
 def read_torchvision_file(path: str) -> dict[str, np.ndarray]:
     """A state dict from `.safetensors` (no torch needed) or a `.pth` (weights_only load)."""
-    with open(path, "rb") as f:
-        head = f.read(16)
-    if _looks_like_safetensors(head):
+    if file_formats.describe(path) == "safetensors":
         from safetensors.numpy import load_file
 
         try:
@@ -464,14 +530,21 @@ def read_torchvision_file(path: str) -> dict[str, np.ndarray]:
             f"Reading {path} (a PyTorch checkpoint) needs torch: `pip install vgg-jax[torch]`, "
             "or convert it to .safetensors elsewhere."
         ) from e
+    code = file_formats.code_globals(path)
+    if code:
+        raise ConversionError(
+            f"{path} holds code, not only tensors (`{code[0]}`): refused. A weights file needs "
+            "no code; get the plain state dict (or a .safetensors file) from its publisher."
+        )
     try:
         obj = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
+        # torch's own message advises loading unsafely; it is not relayed.
+        what = "holds objects other than tensors" if "weights_only" in str(e) else "is truncated"
         raise ConversionError(
-            f"{path} could not be read as a PyTorch weights file ({type(e).__name__}: {e}). "
-            "It is truncated, damaged, or holds more than tensors (only plain state dicts "
-            "load with weights_only=True)."
-        ) from e
+            f"{path} could not be read as a PyTorch weights file: it {what} or is damaged "
+            f"({type(e).__name__}). Get the plain state dict (or a .safetensors file) again."
+        ) from None
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
@@ -509,8 +582,9 @@ def convert_file(
     if fmt not in FORMATS:
         raise ConversionError(f"Unknown format {fmt!r}; choose one of {FORMATS}.")
     if fmt != detected:
+        looks = file_formats.KINDS[file_formats.describe(path)]
         raise ConversionError(
-            f"{path} looks like a {detected} file, not {fmt}; drop --format or give the right file."
+            f"{path} is {looks}, not a {fmt} file; drop --format or give the right file."
         )
     if fmt == "torchvision":
         return from_torchvision(read_torchvision_file(path), model, image_size, path)
@@ -631,12 +705,34 @@ def _to_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
+def fetch_source(src: str, sha256: str | None) -> str:
+    """`src` itself, or for an http(s):// URL its verified copy in the download cache."""
+    if not src.startswith(("http://", "https://")):
+        return src
+    if not sha256:
+        raise ConversionError(
+            f"Downloading {src} needs its checksum: add --sha256 HEX (the publisher's SHA-256, "
+            "or the prefix in a torchvision file name)."
+        )
+    return download.fetch(src, f"sha256:{sha256}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m vgg_jax.convert",
         description="Convert torchvision/Keras VGG weights to a vgg_jax bundle, or export one.",
     )
-    parser.add_argument("src", help="weights file (.pth, .safetensors, .h5) or a bundle directory")
+    parser.add_argument(
+        "src",
+        help="weights file (.pth, .safetensors, .h5, .weights.h5, .keras), an http(s):// URL "
+        "of one (with --sha256), or a bundle directory",
+    )
+    parser.add_argument(
+        "--sha256",
+        metavar="HEX",
+        help="the URL's SHA-256 (all 64 digits, or a published prefix): checked before the "
+        "file is read; the verified download is cached (vgg_jax.download.cache_dir())",
+    )
     parser.add_argument("--to", help="output bundle directory")
     parser.add_argument("--format", choices=FORMATS, help="source format (default: detected)")
     parser.add_argument("--model", help="expected model, e.g. vgg16 (default: detected)")
@@ -667,15 +763,16 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not args.to:
             parser.error("give --to OUT_BUNDLE (or --export-torchvision OUT)")
-        if checkpoints.is_bundle(args.src):
-            bundle = checkpoints.load_bundle(args.src)
+        src = fetch_source(args.src, args.sha256)
+        if checkpoints.is_bundle(src):
+            bundle = checkpoints.load_bundle(src)
             bundle = adapt_bundle(bundle, args.in_channels, args.image_size)
         else:
-            bundle = convert_file(args.src, args.format, args.model, args.image_size)
+            bundle = convert_file(src, args.format, args.model, args.image_size)
             if args.in_channels:
                 bundle = adapt_bundle(bundle, args.in_channels)
         checkpoints.save_bundle(args.to, bundle)
-    except (ValueError, FileNotFoundError) as e:  # ConversionError is a ValueError
+    except (ValueError, OSError) as e:  # ConversionError is a ValueError, DownloadError an OSError
         print(f"error: {e}", file=sys.stderr)
         return 2
     p = bundle.preprocessing
