@@ -206,6 +206,10 @@ def test_convert_cli_takes_a_url_with_its_sha256(served, cache, tmp_path, capsys
     assert convert.main([url, "--sha256", digest, "--to", str(tmp_path / "b2")]) == 0  # cached
     assert server.seen == [f"/{FILE}", f"/{FILE}"]
     assert checkpoints.is_bundle(tmp_path / "b2")
+    # A registered name adapts (and exports) like a bundle directory.
+    pretrained.register("tiny", url, f"sha256:{digest}", "torchvision")
+    assert convert.main(["tiny", "--to", str(tmp_path / "b64"), "--image-size", "64"]) == 0
+    assert checkpoints.load_bundle(tmp_path / "b64").image_size == 64
     assert convert.main([url, "--to", str(tmp_path / "b3")]) == 2
     assert "--sha256" in capsys.readouterr().err
 

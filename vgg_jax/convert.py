@@ -705,6 +705,12 @@ def _to_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
+def _is_weights_name(src: str) -> bool:
+    from vgg_jax import pretrained
+
+    return not os.path.exists(src) and src in pretrained.REGISTRY
+
+
 def fetch_source(src: str, sha256: str | None) -> str:
     """`src` itself, or for an http(s):// URL its verified copy in the download cache."""
     if not src.startswith(("http://", "https://")):
@@ -725,7 +731,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "src",
         help="weights file (.pth, .safetensors, .h5, .weights.h5, .keras), an http(s):// URL "
-        "of one (with --sha256), or a bundle directory",
+        "of one (with --sha256), a bundle or run directory, or a weights name (vgg16, ...)",
     )
     parser.add_argument(
         "--sha256",
@@ -757,15 +763,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.export_torchvision:
-            bundle = checkpoints.load_bundle(args.src)
+            from vgg_jax import pretrained  # it imports this module
+
+            bundle = pretrained.resolve(args.src)
             write_torchvision_file(to_torchvision(bundle), args.export_torchvision)
             print(f"Wrote {bundle.name} as a torchvision state dict to {args.export_torchvision}")
             return 0
         if not args.to:
             parser.error("give --to OUT_BUNDLE (or --export-torchvision OUT)")
         src = fetch_source(args.src, args.sha256)
-        if checkpoints.is_bundle(src):
-            bundle = checkpoints.load_bundle(src)
+        if checkpoints.is_bundle(src) or _is_weights_name(src):
+            from vgg_jax import pretrained  # it imports this module
+
+            bundle = pretrained.resolve(src)
             bundle = adapt_bundle(bundle, args.in_channels, args.image_size)
         else:
             bundle = convert_file(src, args.format, args.model, args.image_size)
