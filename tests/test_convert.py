@@ -380,8 +380,15 @@ def test_keras_wrong_model_and_notop(keras_files, tmp_path):
         dst.attrs["layer_names"] = np.array([n.encode() for n in names])
         for n in names:
             src.copy(src[n], dst, n)
-    with pytest.raises(convert.ConversionError, match="include_top=False"):
+    with pytest.raises(convert.ConversionError, match="include_top=False.*--features-only"):
         convert.convert_file(notop)
+    # --features-only: the conv layers as they are, a placeholder head, marked features-only.
+    features = convert.convert_file(notop, features_only=True)
+    full = convert.convert_file(legacy)
+    assert features.metadata["features_only"] and features.num_classes == 1
+    for layer, arrays in full.variables["params"]["features"].items():
+        got = features.variables["params"]["features"][layer]["kernel"]
+        np.testing.assert_array_equal(got, arrays["kernel"])
     data = open(legacy, "rb").read(4096)
     cut = tmp_path / "cut.h5"
     cut.write_bytes(data)

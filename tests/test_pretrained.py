@@ -183,7 +183,9 @@ def test_table_holds_the_publishers_files():
     keras = pretrained.REGISTRY["keras_vgg16"]
     assert keras.checksum == "md5:64373286793e3c8b2b4e3219cbf3544b"
     names = {"vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn"}
-    assert names | {"vgg16_features", "keras_vgg16", "keras_vgg19"} <= set(pretrained.names())
+    assert names | {"vgg16_features", "keras_vgg16", "keras_vgg19", "keras_vgg19_notop"} <= set(
+        pretrained.names()
+    )
     for entry in pretrained.REGISTRY.values():  # every file name carries its checksum's digits
         if entry.source_format == "torchvision":
             assert download.parse_checksum(entry.checksum)[1] in entry.url

@@ -381,8 +381,13 @@ def _attr_names(node: Any, attr: str) -> list[str]:
     return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
 
 
-def read_keras_file(path: str) -> list[tuple[str, dict[str, np.ndarray]]]:
-    """[(layer name or kind, {'kernel', 'bias'})] of the conv then dense layers, in order."""
+def read_keras_file(
+    path: str, features_only: bool = False
+) -> list[tuple[str, dict[str, np.ndarray]]]:
+    """[(layer name or kind, {'kernel', 'bias'})] of the conv then dense layers, in order.
+
+    features_only: a file without the classifier (include_top=False) gives its convs.
+    """
     import h5py
 
     try:
@@ -406,9 +411,12 @@ def read_keras_file(path: str) -> list[tuple[str, dict[str, np.ndarray]]]:
         key=lambda n: tuple(int(v) for v in re.findall(r"\d+", n)),
     )
     missing = [n for n in ("fc1", "fc2", "predictions") if n not in legacy]
+    if features_only and convs and len(missing) == 3:
+        return [(n, legacy[n]) for n in convs]
     if missing:
         hint = (
-            " It was saved with include_top=False; the classifier is needed."
+            " It was saved with include_top=False: convert it with --features-only (its conv "
+            "layers, for vgg_jax.features), or get the file with the classifier."
             if convs and len(missing) == 3
             else ""
         )
@@ -420,10 +428,21 @@ def from_keras_layers(
     layers: list[tuple[str, dict[str, np.ndarray]]],
     model: str | None = None,
     source: str = "the Keras file",
+    features_only: bool = False,
 ) -> ModelBundle:
-    """A bundle from Keras VGG16/VGG19 layers (conv layers in order, then fc1, fc2, predictions)."""
+    """A bundle from Keras VGG16/VGG19 layers (conv layers in order, then fc1, fc2, predictions).
+
+    features_only with no dense layers (include_top=False): a one-unit placeholder
+    head, marked `metadata["features_only"]`, for `vgg_jax.features`.
+    """
     convs = [arrays for name, arrays in layers if arrays["kernel"].ndim == 4]
     dense = [arrays for name, arrays in layers if arrays["kernel"].ndim == 2]
+    if features_only and not dense:
+        channels = convs[-1]["kernel"].shape[-1]
+        dense = [_zero_dense(TORCHVISION_POOL**2 * channels, 1), _zero_dense(1, 1)]
+        dense.append(_zero_dense(1, 1))
+        names = ("fc1", "fc2", "predictions")
+        layers = list(layers) + list(zip(names, dense, strict=True))
     if len(dense) != 3:
         raise ConversionError(
             f"{source} has {len(dense)} dense layers; a Keras VGG with its classifier has 3 "
@@ -457,14 +476,16 @@ def from_keras_layers(
     }
     params["fc7"] = dict(dense[1])
     params["fc8"] = dict(dense[2])
+    metadata = {"source_format": "keras", "source": source}
+    if features_only and dense[2]["kernel"].shape[-1] == 1:
+        metadata["features_only"] = True
     return _make_bundle(
-        detected,
-        {"params": params},
-        window * 32,
-        KERAS_PREPROCESSING,
-        {"source_format": "keras", "source": source},
-        source,
+        detected, {"params": params}, window * 32, KERAS_PREPROCESSING, metadata, source
     )
+
+
+def _zero_dense(n_in: int, n_out: int) -> dict[str, np.ndarray]:
+    return {"kernel": np.zeros((n_in, n_out), np.float32), "bias": np.zeros(n_out, np.float32)}
 
 
 def _keras_shapes(
@@ -574,9 +595,16 @@ def write_torchvision_file(state: Mapping[str, np.ndarray], path: str) -> str:
 
 
 def convert_file(
-    path: str, fmt: str | None = None, model: str | None = None, image_size: int | None = None
+    path: str,
+    fmt: str | None = None,
+    model: str | None = None,
+    image_size: int | None = None,
+    features_only: bool = False,
 ) -> ModelBundle:
-    """A bundle from a torchvision (.pth/.safetensors) or Keras (.h5/.weights.h5) file."""
+    """A bundle from a torchvision (.pth/.safetensors) or Keras (.h5/.weights.h5/.keras) file.
+
+    features_only: a Keras file without its classifier converts too (`from_keras_layers`).
+    """
     detected = sniff_format(path)
     fmt = fmt or detected
     if fmt not in FORMATS:
@@ -588,7 +616,7 @@ def convert_file(
         )
     if fmt == "torchvision":
         return from_torchvision(read_torchvision_file(path), model, image_size, path)
-    bundle = from_keras_layers(read_keras_file(path), model, path)
+    bundle = from_keras_layers(read_keras_file(path, features_only), model, path, features_only)
     return adapt_bundle(bundle, image_size=image_size) if image_size else bundle
 
 
@@ -749,6 +777,12 @@ def main(argv: list[str] | None = None) -> int:
         "into FC1 (default 224)",
     )
     parser.add_argument(
+        "--features-only",
+        action="store_true",
+        help="Keras only: convert a file saved with include_top=False (its conv layers, with a "
+        "placeholder head; for vgg_jax.features, not predict)",
+    )
+    parser.add_argument(
         "--in-channels",
         type=int,
         choices=(1,),
@@ -778,7 +812,9 @@ def main(argv: list[str] | None = None) -> int:
             bundle = pretrained.resolve(src)
             bundle = adapt_bundle(bundle, args.in_channels, args.image_size)
         else:
-            bundle = convert_file(src, args.format, args.model, args.image_size)
+            bundle = convert_file(
+                src, args.format, args.model, args.image_size, args.features_only
+            )
             if args.in_channels:
                 bundle = adapt_bundle(bundle, args.in_channels)
         checkpoints.save_bundle(args.to, bundle)

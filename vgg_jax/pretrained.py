@@ -55,8 +55,8 @@ def _torchvision(name: str, file: str, what: str, **kwargs) -> Weights:
     return Weights(name, TORCHVISION_BASE + file, f"sha256:{prefix}", "torchvision", what, **kwargs)
 
 
-def _keras(name: str, path: str, md5: str, what: str) -> Weights:
-    return Weights(name, KERAS_BASE + path, f"md5:{md5}", "keras", what)
+def _keras(name: str, path: str, md5: str, what: str, features_only: bool = False) -> Weights:
+    return Weights(name, KERAS_BASE + path, f"md5:{md5}", "keras", what, None, features_only)
 
 
 _TABLE = (
@@ -91,6 +91,21 @@ _TABLE = (
         "vgg19/vgg19_weights_tf_dim_ordering_tf_kernels.h5",
         "cbe5617147190e668d6c5d5026f83318",
         "Keras applications VGG19(weights='imagenet')",
+    ),
+    # The same files' WEIGHTS_PATH_NO_TOP (include_top=False): conv layers only.
+    _keras(
+        "keras_vgg16_notop",
+        "vgg16/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        "6d6bbae143d832006294945121d1f1fc",
+        "Keras applications VGG16(weights='imagenet', include_top=False) (features only)",
+        features_only=True,
+    ),
+    _keras(
+        "keras_vgg19_notop",
+        "vgg19/vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        "253f8cb515780f3b799900260a226db6",
+        "Keras applications VGG19(weights='imagenet', include_top=False) (features only)",
+        features_only=True,
     ),
 )
 REGISTRY: dict[str, Weights] = {w.name: w for w in _TABLE}
@@ -140,7 +155,7 @@ def load(name: str, progress: bool = True) -> ModelBundle:
         raise PretrainedError(f"Pretrained weights {name!r}: {e}") from None
     if progress:
         print(f"converting {os.path.basename(path)} to {cached}", file=sys.stderr)
-    bundle = convert.convert_file(path, entry.source_format)
+    bundle = convert.convert_file(path, entry.source_format, features_only=entry.features_only)
     if entry.preprocessing is not None:
         bundle.preprocessing = entry.preprocessing
     bundle.metadata = dict(bundle.metadata) | {
