@@ -145,7 +145,7 @@ def load_bundle(path: str | os.PathLike) -> ModelBundle:
         raise FileNotFoundError(
             f"{path} is not a vgg_jax model bundle: {BUNDLE_FILE} is missing. Bundles are "
             "written by `python -m vgg_jax.convert` or `vgg_jax.checkpoints.save_bundle`; a "
-            "training run's directory is loaded with `--workdir` instead."
+            "training run's directory is read by `checkpoints.load_workdir` (--weights takes both)."
         )
     try:
         meta = json.loads(fileio.read_text(meta_path))

@@ -16,6 +16,7 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+from typing import Any
 
 CACHE_ENV = "VGG_JAX_CACHE"
 MIRROR_ENV = "VGG_JAX_MIRROR"
@@ -67,8 +68,13 @@ def parse_checksum(checksum: str) -> tuple[str, str]:
     return algo, digits
 
 
+def new_hash(algo: str) -> Any:
+    # md5 only checks integrity here (Keras publishes md5), which FIPS builds allow so marked.
+    return hashlib.new(algo, usedforsecurity=False)
+
+
 def file_digest(path: str, algo: str) -> str:
-    h = hashlib.new(algo)
+    h = new_hash(algo)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(CHUNK), b""):
             h.update(chunk)
@@ -122,7 +128,7 @@ def fetch(url: str, checksum: str, progress: bool = True) -> str:
 
 def _transfer(url: str, part: str, algo: str, name: str, progress: bool) -> str:
     """Streams `url` into `part`, hashing as it goes; returns the digest. Errors name the URL."""
-    h = hashlib.new(algo)
+    h = new_hash(algo)
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0)
@@ -134,7 +140,9 @@ def _transfer(url: str, part: str, algo: str, name: str, progress: bool) -> str:
                 if progress:
                     shown = _show_progress(name, done, total, shown)
     except urllib.error.HTTPError as e:
-        raise DownloadError(f"Downloading {url} failed: HTTP {e.code} {e.reason}.") from e
+        raise DownloadError(
+            f"Downloading {url} failed: HTTP {e.code} {e.reason}. {offline_hint(url, name)}"
+        ) from e
     except (urllib.error.URLError, OSError) as e:  # offline, refused, reset, timed out
         reason = getattr(e, "reason", e)
         raise DownloadError(
