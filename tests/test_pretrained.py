@@ -243,3 +243,29 @@ def test_resolve_takes_a_bundle_a_run_or_a_name(served, tmp_path, monkeypatch):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="neither a model bundle"):
         pretrained.resolve(str(tmp_path / "empty"))
+
+
+def test_every_tool_takes_a_name(served, cache):
+    """evaluate's load_network, train's init_from and vgg_jax.features resolve names alike."""
+    from vgg_jax import evaluate, features, train
+
+    directory, path, digest = served
+    server = Server(directory)
+    try:
+        pretrained.register("tiny", f"{server.base}/{FILE}", f"sha256:{digest}", "torchvision")
+        member, bundle = evaluate.load_network("tiny")
+    finally:
+        server.stop()
+    assert member.model.num_classes == 10 and bundle.metadata["pretrained_name"] == "tiny"
+    init = train.load_init_source("tiny")  # from the cache now
+    np.testing.assert_array_equal(
+        init.variables["params"]["fc8"]["bias"], bundle.variables["params"]["fc8"]["bias"]
+    )
+    x = np.random.default_rng(0).random((1, 32, 32, 3), np.float32)
+    by_name = features.features("tiny", None, x, ("relu1_1",))["relu1_1"]
+    direct = features.features(bundle, None, x, ("relu1_1",))["relu1_1"]
+    np.testing.assert_array_equal(by_name, direct)
+    with pytest.raises(FileNotFoundError, match="init_from='vgg17' does not exist.*vgg16"):
+        train.load_init_source("vgg17")
+    with pytest.raises(SystemExit, match="not a weights name"):
+        evaluate.load_network("vgg17")
