@@ -73,6 +73,11 @@ def _tfds_names(dataset: str, data_dir: str) -> list[str] | None:
 
 def class_names(bundle: ModelBundle) -> list[str]:
     """One name per output class of the bundle (see the module docstring for the order)."""
+    return known_class_names(bundle) or [f"class {i}" for i in range(bundle.num_classes)]
+
+
+def known_class_names(bundle: ModelBundle) -> list[str] | None:
+    """The bundle's class names from its metadata, its dataset or ImageNet; None if unknown."""
     n = bundle.num_classes
     meta: dict[str, Any] = bundle.metadata or {}
     names = meta.get("class_names")
@@ -85,12 +90,12 @@ def class_names(bundle: ModelBundle) -> list[str]:
         return names
     if n == len(imagenet_classes.CLASSES):
         return [imagenet_classes.class_name(i) for i in range(n)]
-    return [f"class {i}" for i in range(n)]
+    return None
 
 
 def with_class_names(bundle: ModelBundle) -> ModelBundle:
-    """The bundle with `metadata["class_names"]` filled in (unchanged if it has them)."""
-    if (bundle.metadata or {}).get("class_names"):
-        return bundle
-    bundle.metadata = dict(bundle.metadata or {}) | {"class_names": class_names(bundle)}
+    """The bundle with `metadata["class_names"]` filled in when they are known."""
+    names = known_class_names(bundle)
+    if names and (bundle.metadata or {}).get("class_names") != names:
+        bundle.metadata = dict(bundle.metadata or {}) | {"class_names": names}
     return bundle

@@ -748,7 +748,7 @@ def fetch_source(src: str, sha256: str | None) -> str:
             f"Downloading {src} needs its checksum: add --sha256 HEX (the publisher's SHA-256, "
             "or the prefix in a torchvision file name)."
         )
-    return download.fetch(src, f"sha256:{sha256}")
+    return download.fetch(src, f"sha256:{sha256.removeprefix('sha256:')}")
 
 
 def main(argv: list[str] | None = None) -> int:
