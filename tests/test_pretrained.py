@@ -269,3 +269,19 @@ def test_every_tool_takes_a_name(served, cache):
         train.load_init_source("vgg17")
     with pytest.raises(SystemExit, match="not a weights name"):
         evaluate.load_network("vgg17")
+
+
+def test_class_names_from_the_recorded_dataset(tmp_path):
+    for name in ("zebra", "ant", "moth"):
+        (tmp_path / "train" / name).mkdir(parents=True)
+    names = class_names.dataset_class_names("image_folder", str(tmp_path))
+    assert names == ["ant", "moth", "zebra"]
+    # config.classes keeps those labels, relabelled 0..k-1 in that order.
+    names = class_names.dataset_class_names("fashion_mnist", classes=(8, 0))
+    assert names == ["Bag", "T-shirt/top"]
+    assert class_names.dataset_class_names("no_such_dataset_here") is None
+    bundle = checkpoints.ModelBundle("vgg11", {"num_classes": 3}, {}, metadata={})
+    assert class_names.class_names(bundle) == ["class 0", "class 1", "class 2"]
+    assert "class_names" not in class_names.with_class_names(bundle).metadata  # not invented
+    bundle.metadata = {"dataset": "image_folder", "data_dir": str(tmp_path)}
+    assert class_names.with_class_names(bundle).metadata["class_names"][0] == "ant"
