@@ -2,6 +2,8 @@
 
     python -m vgg_jax.convert vgg16-397923af.pth --to weights/vgg16_torchvision
     python -m vgg_jax.convert vgg16_weights_tf_dim_ordering_tf_kernels.h5 --to weights/vgg16_keras
+    python -m vgg_jax.convert https://download.pytorch.org/models/vgg16-397923af.pth \
+        --sha256 397923af --to weights/vgg16     # downloaded once into the cache, verified
     python -m vgg_jax.convert weights/vgg16_torchvision --export-torchvision vgg16.safetensors
     python -m vgg_jax.convert weights/vgg16_torchvision --to weights/vgg16_grey64 \
         --in-channels 1 --image-size 64      # for fine-tuning on greyscale 64x64 images
@@ -21,8 +23,11 @@ Layouts (DESIGN.md, "Numerical facts for weight conversion"):
 * Keras applications: layers `block{b}_conv{i}`, `fc1`, `fc2`, `predictions`
   with kernels already (h, w, in, out) and FC1 flattened channels-last (h, w, c).
 
-No pickle is ever read: `.pth` files go through `torch.load(weights_only=True)`,
-`.safetensors` and HDF5 through their own array readers.
+No pickle is ever run: the globals a `.pth` file's pickle would import are read
+from its opcodes first (`vgg_jax.file_formats`) and anything but torch's tensor
+rebuilders is refused as code; then `torch.load(weights_only=True)`.
+`.safetensors` and HDF5 (also inside `.keras` zips) go through their own array
+readers. Weights by name (download, cache) are `vgg_jax.pretrained`.
 """
 
 from __future__ import annotations
