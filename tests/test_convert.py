@@ -260,10 +260,15 @@ def test_missing_key_is_named(tmp_path):
         convert.from_torchvision(state)
 
 
-def test_wrong_shape_is_named():
+def test_wrong_shape_is_named_by_the_files_key():
     state = torchvision_state("vgg16", width_divisor=16, fc_width=32, num_classes=10)
-    state["features.2.weight"] = state["features.2.weight"][:, :3]
-    with pytest.raises(convert.ConversionError, match="conv1_2"):
+    state["features.2.weight"] = state["features.2.weight"][:, :3]  # conv1_2: (4, 4, 3, 3)
+    with pytest.raises(convert.ConversionError) as e:
+        convert.from_torchvision(state)
+    assert r"features.2.weight has shape (4, 3, 3, 3), expected (4, 4, 3, 3)" in str(e.value)
+    state = torchvision_state("vgg16", width_divisor=16, fc_width=32, num_classes=10)
+    state["classifier.3.bias"] = state["classifier.3.bias"][:7]
+    with pytest.raises(convert.ConversionError, match=r"classifier.3.bias has shape \(7,\), exp"):
         convert.from_torchvision(state)
 
 
@@ -281,11 +286,13 @@ def test_truncated_files_are_named(tmp_path, small_vgg16_file):
         convert.convert_file(str(pth))
 
 
-def test_not_a_weights_file(tmp_path):
+def test_not_a_weights_file(tmp_path, small_vgg16_file):
     junk = tmp_path / "notes.pth"
     junk.write_text("these are not weights\n")
-    with pytest.raises(convert.ConversionError, match="not a weights file"):
+    with pytest.raises(convert.ConversionError, match="not a weights file.*Formats read: torch"):
         convert.convert_file(str(junk))
+    with pytest.raises(convert.ConversionError, match="is a safetensors file, not a keras file"):
+        convert.convert_file(small_vgg16_file, fmt="keras")
     with pytest.raises(FileNotFoundError):
         convert.convert_file(str(tmp_path / "absent.pth"))
 
@@ -294,11 +301,22 @@ class _NotATensor:
     pass
 
 
-def test_pickled_objects_are_refused(tmp_path):
-    """weights_only=True: a .pth carrying arbitrary objects is never unpickled."""
+class _RunsAShellCommand:
+    def __reduce__(self):
+        return (os.system, ("echo this must never run",))
+
+
+@pytest.mark.parametrize("zipped", [True, False])
+def test_files_holding_code_are_refused_by_name(tmp_path, zipped):
+    """The pickle's globals are read from its opcodes; nothing is unpickled, no unsafe advice."""
     path = tmp_path / "evil.pth"
+    torch.save({"w": _RunsAShellCommand()}, str(path), _use_new_zipfile_serialization=zipped)
+    with pytest.raises(convert.ConversionError) as e:
+        convert.convert_file(str(path))
+    assert "holds code, not only tensors (`posix.system`): refused" in str(e.value)
+    assert "weights_only" not in str(e.value)
     torch.save({"features.0.weight": _NotATensor()}, str(path))
-    with pytest.raises(convert.ConversionError, match="weights_only"):
+    with pytest.raises(convert.ConversionError, match=r"\(`test_convert._NotATensor`\): refused"):
         convert.convert_file(str(path))
 
 
@@ -314,7 +332,7 @@ def test_cli_reports_errors(tmp_path, small_vgg16_file, capsys):
 
 @pytest.fixture(scope="module", params=["VGG16", "VGG19"])
 def keras_files(request, tmp_path_factory):
-    """(model name, keras logits on the photos, legacy .h5 path, Keras 3 .weights.h5 path)."""
+    """(name, photos, keras logits on them, legacy .h5, Keras 3 .weights.h5, .keras archive)."""
     keras = pytest.importorskip("keras")
     import h5py
     from keras.src.legacy.saving import legacy_h5_format
@@ -325,6 +343,8 @@ def keras_files(request, tmp_path_factory):
     v3 = str(directory / "w.weights.h5")
     legacy = str(directory / "w.h5")
     net.save_weights(v3)
+    archive = str(directory / "w.keras")
+    net.save(archive)  # a zip holding config.json and model.weights.h5
     with h5py.File(legacy, "w") as f:  # the layout keras.applications downloads
         legacy_h5_format.save_weights_to_hdf5_group(f, net)
     preprocess = getattr(keras.applications, request.param.lower()).preprocess_input
@@ -332,13 +352,14 @@ def keras_files(request, tmp_path_factory):
     want = np.asarray(net.predict(preprocess(pixels.astype(np.float32)), verbose=0))
     del net
     keras.backend.clear_session()
-    return request.param.lower(), pixels, want, legacy, v3
+    return request.param.lower(), pixels, want, legacy, v3, archive
 
 
-@pytest.mark.parametrize("file_format", ["legacy", "v3"])
+@pytest.mark.parametrize("file_format", ["legacy", "v3", "keras"])
 def test_keras_parity(keras_files, file_format):
-    name, pixels, want, legacy, v3 = keras_files
-    bundle = convert.convert_file(legacy if file_format == "legacy" else v3, model=name)
+    name, pixels, want, legacy, v3, archive = keras_files
+    path = {"legacy": legacy, "v3": v3, "keras": archive}[file_format]
+    bundle = convert.convert_file(path, model=name)
     assert bundle.name == name and bundle.preprocessing == convert.KERAS_PREPROCESSING
     got = logits(bundle, pixels)
     assert rel_err(got, want) < 1e-5
@@ -346,7 +367,7 @@ def test_keras_parity(keras_files, file_format):
 
 
 def test_keras_wrong_model_and_notop(keras_files, tmp_path):
-    name, _, _, legacy, _ = keras_files
+    name, _, _, legacy, _, _ = keras_files
     other = "vgg19" if name == "vgg16" else "vgg16"
     with pytest.raises(convert.ConversionError, match=f"holds a {name}.*not a {other}"):
         convert.convert_file(legacy, model=other)
@@ -359,8 +380,15 @@ def test_keras_wrong_model_and_notop(keras_files, tmp_path):
         dst.attrs["layer_names"] = np.array([n.encode() for n in names])
         for n in names:
             src.copy(src[n], dst, n)
-    with pytest.raises(convert.ConversionError, match="include_top=False"):
+    with pytest.raises(convert.ConversionError, match="include_top=False.*--features-only"):
         convert.convert_file(notop)
+    # --features-only: the conv layers as they are, a placeholder head, marked features-only.
+    features = convert.convert_file(notop, features_only=True)
+    full = convert.convert_file(legacy)
+    assert features.metadata["features_only"] and features.num_classes == 1
+    for layer, arrays in full.variables["params"]["features"].items():
+        got = features.variables["params"]["features"][layer]["kernel"]
+        np.testing.assert_array_equal(got, arrays["kernel"])
     data = open(legacy, "rb").read(4096)
     cut = tmp_path / "cut.h5"
     cut.write_bytes(data)

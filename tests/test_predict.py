@@ -10,7 +10,14 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from vgg_jax import checkpoints, convert, image_io, predict
+from vgg_jax import (
+    checkpoints,
+    convert,
+    image_io,
+    imagenet_classes,
+    predict,
+    reference_preprocessing,
+)
 
 
 @pytest.fixture(scope="module")
@@ -93,14 +100,22 @@ def test_predict_cli_matches_torch_on_the_same_crop(image_files, tmp_path, capsy
     assert [i for i, _, _ in results] == list(want)
     np.testing.assert_allclose([p for _, _, p in results], probs[want], rtol=1e-4)
     for i, name, p in results:
-        assert name == predict.imagenet_classes.class_name(i)
+        assert name == imagenet_classes.class_name(i)
         assert f"{name:<30s} {p:7.4f}" in printed
     assert printed.count("1. ") == 2  # both images
 
 
 def test_predict_cli_errors(image_files, tmp_path, capsys):
     assert predict.main([image_files["rgb"], "--weights", str(tmp_path)]) == 2
-    assert "not a vgg_jax model bundle" in capsys.readouterr().err
+    assert "neither a model bundle" in capsys.readouterr().err
+    assert predict.main([image_files["rgb"], "--weights", "vgg17"]) == 2
+    assert "not a weights name (keras_vgg16, " in capsys.readouterr().err
+    _, bundle_dir = tiny_torchvision_bundle(tmp_path)
+    bundle = checkpoints.load_bundle(bundle_dir)
+    bundle.metadata["features_only"] = True  # like vgg16_features or a Keras notop file
+    checkpoints.save_bundle(tmp_path / "features", bundle)
+    assert predict.main([image_files["rgb"], "--weights", str(tmp_path / "features")]) == 2
+    assert "trained features only" in capsys.readouterr().err
 
 
 def test_dense_uses_the_evaluation_modules_dense_evaluator(image_files, tmp_path, monkeypatch):
@@ -138,3 +153,67 @@ def test_predict_with_a_greyscale_bundle(image_files, tmp_path):
     # Equal up to conv1_1's border (zero padding now means black): same winner, close odds.
     assert got[0][0] == want[0][0]
     np.testing.assert_allclose(got[0][2], want[0][2], rtol=0.15)
+
+
+# ---------------------------------------------------------------------------
+# The source frameworks' preprocessing, to the pixel
+
+# (width, height) -> torchvision Resize(256) size and CenterCrop(224) (left, top), worked by
+# hand from the documented arithmetic: short side 256, long side int(256 * long / short)
+# (truncated), offsets int(round((side - 224) / 2.0)) with Python's half-to-even round.
+TORCHVISION_CASES = {
+    (451, 300): ((384, 256), (80, 16)),  # 256 * 451 / 300 = 384.85 -> 384 (rounding gives 385)
+    (300, 451): ((256, 384), (16, 80)),
+    (257, 999): ((256, 995), (16, 386)),  # 255744 / 257 = 995.1; (995 - 224) / 2 = 385.5 -> 386
+    (224, 224): ((256, 256), (16, 16)),
+    (225, 225): ((256, 256), (16, 16)),
+}
+
+
+def _photo(width: int, height: int) -> Image.Image:
+    return Image.fromarray(skimage.data.astronaut()).resize((width, height), Image.BICUBIC)
+
+
+@pytest.mark.parametrize("size", sorted(TORCHVISION_CASES))
+def test_torchvision_resize_and_centre_crop_arithmetic(size):
+    (rw, rh), (left, top) = TORCHVISION_CASES[size]
+    assert reference_preprocessing.torchvision_resized_size(*size, 256) == (rw, rh)
+    assert reference_preprocessing.torchvision_crop_box(rw, rh, 224) == (
+        left, top, left + 224, top + 224
+    )  # fmt: skip
+    image = _photo(*size)
+    # torchvision on a PIL image: Image.resize(BILINEAR) (antialiased), then Image.crop.
+    resized = image if (rw, rh) == size else image.resize((rw, rh), Image.BILINEAR)
+    want = np.asarray(resized.crop((left, top, left + 224, top + 224)), np.float32) / 255
+    np.testing.assert_array_equal(predict.central_crop(image, 224), want)
+
+
+def test_keras_bundles_get_keras_load_img_squash(tmp_path):
+    keras_utils = pytest.importorskip("keras").utils
+    path = str(tmp_path / "photo.png")
+    _photo(451, 300).save(path)
+    bundle = types.SimpleNamespace(image_size=224, metadata={"source_format": "keras"})
+    got = reference_preprocessing.reference_crop(image_io.open_image(path), bundle)
+    want = keras_utils.img_to_array(keras_utils.load_img(path, target_size=(224, 224))) / 255
+    np.testing.assert_array_equal(got * 255, want * 255)
+    torchvision_like = types.SimpleNamespace(image_size=224, metadata={})
+    other = reference_preprocessing.reference_crop(image_io.open_image(path), torchvision_like)
+    assert other.shape == got.shape and np.abs(other - got).max() > 0.1  # a crop, not a squash
+
+
+def test_predict_names_a_runs_classes(tmp_path, monkeypatch, image_files, capsys):
+    """--weights takes a training run; names come from its dataset ("Bag", not "class 8")."""
+    _, bundle_dir = tiny_torchvision_bundle(tmp_path)
+    bundle = checkpoints.load_bundle(bundle_dir)
+    bundle.options = dict(bundle.options)
+    head = dict(bundle.variables["params"]["fc8"])
+    head["kernel"], head["bias"] = head["kernel"][:, :10], np.eye(10, dtype=np.float32)[8] * 50
+    bundle.variables["params"]["fc8"] = head
+    bundle.options["num_classes"] = 10
+    bundle.metadata = {"dataset": "fashion_mnist"}
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / checkpoints.CONFIG_FILE).write_text('{"dataset": "fashion_mnist"}')
+    monkeypatch.setattr(checkpoints, "load_workdir", lambda workdir, which: bundle)
+    assert predict.main([image_files["rgb"], "--weights", str(run), "--top", "2"]) == 0
+    assert "1. Bag " in capsys.readouterr().out

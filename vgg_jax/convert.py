@@ -2,6 +2,8 @@
 
     python -m vgg_jax.convert vgg16-397923af.pth --to weights/vgg16_torchvision
     python -m vgg_jax.convert vgg16_weights_tf_dim_ordering_tf_kernels.h5 --to weights/vgg16_keras
+    python -m vgg_jax.convert https://download.pytorch.org/models/vgg16-397923af.pth \
+        --sha256 397923af --to weights/vgg16     # downloaded once into the cache, verified
     python -m vgg_jax.convert weights/vgg16_torchvision --export-torchvision vgg16.safetensors
     python -m vgg_jax.convert weights/vgg16_torchvision --to weights/vgg16_grey64 \
         --in-channels 1 --image-size 64      # for fine-tuning on greyscale 64x64 images
@@ -21,8 +23,11 @@ Layouts (DESIGN.md, "Numerical facts for weight conversion"):
 * Keras applications: layers `block{b}_conv{i}`, `fc1`, `fc2`, `predictions`
   with kernels already (h, w, in, out) and FC1 flattened channels-last (h, w, c).
 
-No pickle is ever read: `.pth` files go through `torch.load(weights_only=True)`,
-`.safetensors` and HDF5 through their own array readers.
+No pickle is ever run: the globals a `.pth` file's pickle would import are read
+from its opcodes first (`vgg_jax.file_formats`) and anything but torch's tensor
+rebuilders is refused as code; then `torch.load(weights_only=True)`.
+`.safetensors` and HDF5 (also inside `.keras` zips) go through their own array
+readers. Weights by name (download, cache) are `vgg_jax.pretrained`.
 """
 
 from __future__ import annotations
@@ -32,12 +37,13 @@ import math
 import os
 import re
 import sys
+import zipfile
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from vgg_jax import checkpoints, imagenet_classes, models
+from vgg_jax import checkpoints, download, file_formats, imagenet_classes, models
 from vgg_jax.checkpoints import ModelBundle, Preprocessing
 
 TORCHVISION_PREPROCESSING = Preprocessing(
@@ -58,11 +64,13 @@ TORCHVISION_MODELS += ("vgg19_bn",)
 TORCHVISION_POOL = 7  # torchvision's AdaptiveAvgPool2d((7, 7)) before FC1
 FORMATS = ("torchvision", "keras")
 
-_HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
-_ZIP_MAGIC = b"PK\x03\x04"
-# torch.save's legacy (pre-1.6) format, which torchvision's VGG downloads still use:
-# a pickled magic number, read safely by torch.load(weights_only=True).
-_LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+_KIND_FORMAT = {
+    "hdf5": "keras",
+    "keras_zip": "keras",
+    "torch_zip": "torchvision",
+    "torch_legacy": "torchvision",
+    "safetensors": "torchvision",
+}
 
 
 class ConversionError(ValueError):
@@ -166,6 +174,7 @@ def from_torchvision(
             f"{source} is missing {len(missing)} of the {spec.name} keys, for example "
             f"{missing[:4]}. The file is incomplete or not a torchvision {spec.name} state dict."
         )
+    _check_shapes(_torchvision_shapes(state, spec), state, f"{source} ({spec.name})")
     features, stats = _torchvision_features(state, spec)
     channels = features[torchvision_layout(spec)[-1][0]]["kernel"].shape[-1]
     fc6, image_size = _torchvision_fc6(state["classifier.0.weight"], channels, image_size, source)
@@ -182,6 +191,48 @@ def from_torchvision(
     return _make_bundle(
         spec.name, variables, image_size, TORCHVISION_PREPROCESSING, metadata, source
     )
+
+
+def _torchvision_shapes(state: Mapping[str, np.ndarray], spec: models.VGGSpec) -> dict:
+    """{file key: the shape a torchvision state dict of this spec needs}, widths read off the file.
+
+    The widths come from the first conv (width_divisor) and the classifier (fc
+    width, classes), so a width-reduced file is checked against its own model.
+    """
+    widths = [w // max(1, models.STAGE_WIDTHS[0] // state["features.0.weight"].shape[0])
+              for w in models.STAGE_WIDTHS]  # fmt: skip
+    shapes, cin = {}, 3
+    layout = iter(torchvision_layout(spec))
+    for stage, kernels in enumerate(spec.stages):
+        for k in kernels:
+            _, conv, bn = next(layout)
+            width = widths[stage]
+            shapes[f"features.{conv}.weight"] = (width, cin, k, k)
+            shapes[f"features.{conv}.bias"] = (width,)
+            for leaf in ("weight", "bias", "running_mean", "running_var") if bn is not None else ():
+                shapes[f"features.{bn}.{leaf}"] = (width,)
+            cin = width
+    fc_in = state["classifier.0.weight"].shape[1]
+    window = math.isqrt(fc_in // cin)
+    window = window if window * window * cin == fc_in else TORCHVISION_POOL
+    fc, classes = state["classifier.3.weight"].shape[0], state["classifier.6.weight"].shape[0]
+    layers = ((0, (fc, cin * window * window)), (3, (fc, fc)), (6, (classes, fc)))
+    for index, (n_out, n_in) in layers:
+        shapes[f"classifier.{index}.weight"] = (n_out, n_in)
+        shapes[f"classifier.{index}.bias"] = (n_out,)
+    return shapes
+
+
+def _check_shapes(expected: Mapping[str, tuple], arrays: Mapping[str, Any], source: str) -> None:
+    """Names wrong shapes by the file's own keys, with the shapes the model needs."""
+    wrong = [
+        f"{key} has shape {tuple(np.shape(arrays[key]))}, expected {tuple(want)}"
+        for key, want in expected.items()
+        if key in arrays and tuple(np.shape(arrays[key])) != tuple(want)
+    ]
+    if wrong:
+        more = f" (and {len(wrong) - 3} more)" if len(wrong) > 3 else ""
+        raise ConversionError(f"{source}: {'; '.join(wrong[:3])}{more}.")
 
 
 def _torchvision_features(
@@ -335,13 +386,19 @@ def _attr_names(node: Any, attr: str) -> list[str]:
     return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
 
 
-def read_keras_file(path: str) -> list[tuple[str, dict[str, np.ndarray]]]:
-    """[(layer name or kind, {'kernel', 'bias'})] of the conv then dense layers, in order."""
+def read_keras_file(
+    path: str, features_only: bool = False
+) -> list[tuple[str, dict[str, np.ndarray]]]:
+    """[(layer name or kind, {'kernel', 'bias'})] of the conv then dense layers, in order.
+
+    features_only: a file without the classifier (include_top=False) gives its convs.
+    """
     import h5py
 
     try:
-        f = h5py.File(path, "r")
-    except OSError as e:
+        is_zip = file_formats.describe(path) == "keras_zip"
+        f = h5py.File(file_formats.keras_weights_bytes(path) if is_zip else path, "r")
+    except (OSError, zipfile.BadZipFile) as e:
         raise ConversionError(
             f"{path} could not be opened as an HDF5 Keras weights file ({e}). It is truncated "
             "or not a Keras file; download or save it again."
@@ -359,9 +416,12 @@ def read_keras_file(path: str) -> list[tuple[str, dict[str, np.ndarray]]]:
         key=lambda n: tuple(int(v) for v in re.findall(r"\d+", n)),
     )
     missing = [n for n in ("fc1", "fc2", "predictions") if n not in legacy]
+    if features_only and convs and len(missing) == 3:
+        return [(n, legacy[n]) for n in convs]
     if missing:
         hint = (
-            " It was saved with include_top=False; the classifier is needed."
+            " It was saved with include_top=False: convert it with --features-only (its conv "
+            "layers, for vgg_jax.features), or get the file with the classifier."
             if convs and len(missing) == 3
             else ""
         )
@@ -373,10 +433,21 @@ def from_keras_layers(
     layers: list[tuple[str, dict[str, np.ndarray]]],
     model: str | None = None,
     source: str = "the Keras file",
+    features_only: bool = False,
 ) -> ModelBundle:
-    """A bundle from Keras VGG16/VGG19 layers (conv layers in order, then fc1, fc2, predictions)."""
+    """A bundle from Keras VGG16/VGG19 layers (conv layers in order, then fc1, fc2, predictions).
+
+    features_only with no dense layers (include_top=False): a one-unit placeholder
+    head, marked `metadata["features_only"]`, for `vgg_jax.features`.
+    """
     convs = [arrays for name, arrays in layers if arrays["kernel"].ndim == 4]
     dense = [arrays for name, arrays in layers if arrays["kernel"].ndim == 2]
+    if features_only and not dense:
+        channels = convs[-1]["kernel"].shape[-1]
+        dense = [_zero_dense(TORCHVISION_POOL**2 * channels, 1), _zero_dense(1, 1)]
+        dense.append(_zero_dense(1, 1))
+        names = ("fc1", "fc2", "predictions")
+        layers = list(layers) + list(zip(names, dense, strict=True))
     if len(dense) != 3:
         raise ConversionError(
             f"{source} has {len(dense)} dense layers; a Keras VGG with its classifier has 3 "
@@ -396,6 +467,7 @@ def from_keras_layers(
             f"{source} holds a {detected} ({len(convs)} conv layers), not a {want.name} "
             f"({len(models.conv_layer_names(want))} conv layers). Pass --model {detected}."
         )
+    _check_shapes(*_keras_shapes(layers, models.get_spec(detected)), f"{source} ({detected})")
     params: dict[str, Any] = {"features": {}}
     for name, arrays in zip(models.conv_layer_names(models.get_spec(detected)), convs, strict=True):
         params["features"][name] = {"kernel": arrays["kernel"], "bias": arrays["bias"]}
@@ -409,14 +481,45 @@ def from_keras_layers(
     }
     params["fc7"] = dict(dense[1])
     params["fc8"] = dict(dense[2])
+    metadata = {"source_format": "keras", "source": source}
+    if features_only and dense[2]["kernel"].shape[-1] == 1:
+        metadata["features_only"] = True
     return _make_bundle(
-        detected,
-        {"params": params},
-        window * 32,
-        KERAS_PREPROCESSING,
-        {"source_format": "keras", "source": source},
-        source,
+        detected, {"params": params}, window * 32, KERAS_PREPROCESSING, metadata, source
     )
+
+
+def _zero_dense(n_in: int, n_out: int) -> dict[str, np.ndarray]:
+    return {"kernel": np.zeros((n_in, n_out), np.float32), "bias": np.zeros(n_out, np.float32)}
+
+
+def _keras_shapes(
+    layers: list[tuple[str, dict[str, np.ndarray]]], spec: models.VGGSpec
+) -> tuple[dict[str, tuple], dict[str, np.ndarray]]:
+    """({'layer/kernel': needed shape}, {'layer/kernel': array}) under the file's layer names."""
+    convs = [(n, a) for n, a in layers if a["kernel"].ndim == 4]
+    dense = [(n, a) for n, a in layers if a["kernel"].ndim == 2]
+    divisor = max(1, models.STAGE_WIDTHS[0] // convs[0][1]["kernel"].shape[-1])
+    kernels = [
+        (k, models.STAGE_WIDTHS[stage] // divisor)
+        for stage, ks in enumerate(spec.stages)
+        for k in ks
+    ]
+    shapes, arrays, cin = {}, {}, 3
+    for (name, a), (k, width) in zip(convs, kernels, strict=True):
+        shapes[f"{name}/kernel"], shapes[f"{name}/bias"] = (k, k, cin, width), (width,)
+        arrays[f"{name}/kernel"], arrays[f"{name}/bias"] = a["kernel"], a["bias"]
+        cin = width
+    fc_in = dense[0][1]["kernel"].shape[0]
+    window = math.isqrt(fc_in // cin)
+    window = window if window * window * cin == fc_in else 7
+    fc, classes = dense[1][1]["kernel"].shape[1], dense[2][1]["kernel"].shape[1]
+    for (name, a), (n_in, n_out) in zip(
+        dense, ((cin * window * window, fc), (fc, fc), (fc, classes)), strict=True
+    ):
+        shapes[f"{name}/kernel"], shapes[f"{name}/bias"] = (n_in, n_out), (n_out,)
+        arrays[f"{name}/kernel"], arrays[f"{name}/bias"] = a["kernel"], a["bias"]
+    return shapes, arrays
 
 
 # ---------------------------------------------------------------------------
@@ -424,33 +527,22 @@ def from_keras_layers(
 
 
 def sniff_format(path: str) -> str:
-    """'keras' for HDF5, 'torchvision' for safetensors or a PyTorch zip; errors otherwise."""
+    """'keras' (HDF5, .keras zip) or 'torchvision' (safetensors, PyTorch); errors otherwise."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No such weights file: {path}")
-    with open(path, "rb") as f:
-        head = f.read(16)
-    if head.startswith(_HDF5_MAGIC):
-        return "keras"
-    if head.startswith((_ZIP_MAGIC, _LEGACY_TORCH_MAGIC)) or _looks_like_safetensors(head):
-        return "torchvision"
-    raise ConversionError(
-        f"{path} is not a weights file vgg_jax reads: not HDF5 (Keras .h5), not safetensors "
-        "and not a PyTorch checkpoint (.pth from torch.save)."
-    )
-
-
-def _looks_like_safetensors(head: bytes) -> bool:
-    if len(head) < 9:
-        return False
-    header_len = int.from_bytes(head[:8], "little")
-    return 0 < header_len < 100_000_000 and head[8:9] == b"{"
+    kind = file_formats.describe(path)
+    if kind not in _KIND_FORMAT:
+        raise ConversionError(
+            f"{path} is not a weights file vgg_jax reads (not HDF5, not a .keras archive, not "
+            "safetensors and not a PyTorch checkpoint). Formats read: "
+            f"{'; '.join(file_formats.READ_FORMATS)}."
+        )
+    return _KIND_FORMAT[kind]
 
 
 def read_torchvision_file(path: str) -> dict[str, np.ndarray]:
     """A state dict from `.safetensors` (no torch needed) or a `.pth` (weights_only load)."""
-    with open(path, "rb") as f:
-        head = f.read(16)
-    if _looks_like_safetensors(head):
+    if file_formats.describe(path) == "safetensors":
         from safetensors.numpy import load_file
 
         try:
@@ -464,14 +556,21 @@ def read_torchvision_file(path: str) -> dict[str, np.ndarray]:
             f"Reading {path} (a PyTorch checkpoint) needs torch: `pip install vgg-jax[torch]`, "
             "or convert it to .safetensors elsewhere."
         ) from e
+    code = file_formats.code_globals(path)
+    if code:
+        raise ConversionError(
+            f"{path} holds code, not only tensors (`{code[0]}`): refused. A weights file needs "
+            "no code; get the plain state dict (or a .safetensors file) from its publisher."
+        )
     try:
         obj = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
+        # torch's own message advises loading unsafely; it is not relayed.
+        what = "holds objects other than tensors" if "weights_only" in str(e) else "is truncated"
         raise ConversionError(
-            f"{path} could not be read as a PyTorch weights file ({type(e).__name__}: {e}). "
-            "It is truncated, damaged, or holds more than tensors (only plain state dicts "
-            "load with weights_only=True)."
-        ) from e
+            f"{path} could not be read as a PyTorch weights file: it {what} or is damaged "
+            f"({type(e).__name__}). Get the plain state dict (or a .safetensors file) again."
+        ) from None
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
@@ -501,20 +600,28 @@ def write_torchvision_file(state: Mapping[str, np.ndarray], path: str) -> str:
 
 
 def convert_file(
-    path: str, fmt: str | None = None, model: str | None = None, image_size: int | None = None
+    path: str,
+    fmt: str | None = None,
+    model: str | None = None,
+    image_size: int | None = None,
+    features_only: bool = False,
 ) -> ModelBundle:
-    """A bundle from a torchvision (.pth/.safetensors) or Keras (.h5/.weights.h5) file."""
+    """A bundle from a torchvision (.pth/.safetensors) or Keras (.h5/.weights.h5/.keras) file.
+
+    features_only: a Keras file without its classifier converts too (`from_keras_layers`).
+    """
     detected = sniff_format(path)
     fmt = fmt or detected
     if fmt not in FORMATS:
         raise ConversionError(f"Unknown format {fmt!r}; choose one of {FORMATS}.")
     if fmt != detected:
+        looks = file_formats.KINDS[file_formats.describe(path)]
         raise ConversionError(
-            f"{path} looks like a {detected} file, not {fmt}; drop --format or give the right file."
+            f"{path} is {looks}, not a {fmt} file; drop --format or give the right file."
         )
     if fmt == "torchvision":
         return from_torchvision(read_torchvision_file(path), model, image_size, path)
-    bundle = from_keras_layers(read_keras_file(path), model, path)
+    bundle = from_keras_layers(read_keras_file(path, features_only), model, path, features_only)
     return adapt_bundle(bundle, image_size=image_size) if image_size else bundle
 
 
@@ -631,12 +738,40 @@ def _to_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
+def _is_weights_name(src: str) -> bool:
+    from vgg_jax import pretrained
+
+    return not os.path.exists(src) and src in pretrained.REGISTRY
+
+
+def fetch_source(src: str, sha256: str | None) -> str:
+    """`src` itself, or for an http(s):// URL its verified copy in the download cache."""
+    if not src.startswith(("http://", "https://")):
+        return src
+    if not sha256:
+        raise ConversionError(
+            f"Downloading {src} needs its checksum: add --sha256 HEX (the publisher's SHA-256, "
+            "or the prefix in a torchvision file name)."
+        )
+    return download.fetch(src, f"sha256:{sha256.removeprefix('sha256:')}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m vgg_jax.convert",
         description="Convert torchvision/Keras VGG weights to a vgg_jax bundle, or export one.",
     )
-    parser.add_argument("src", help="weights file (.pth, .safetensors, .h5) or a bundle directory")
+    parser.add_argument(
+        "src",
+        help="weights file (.pth, .safetensors, .h5, .weights.h5, .keras), an http(s):// URL "
+        "of one (with --sha256), a bundle or run directory, or a weights name (vgg16, ...)",
+    )
+    parser.add_argument(
+        "--sha256",
+        metavar="HEX",
+        help="the URL's SHA-256 (all 64 digits, or a published prefix): checked before the "
+        "file is read; the verified download is cached (vgg_jax.download.cache_dir())",
+    )
     parser.add_argument("--to", help="output bundle directory")
     parser.add_argument("--format", choices=FORMATS, help="source format (default: detected)")
     parser.add_argument("--model", help="expected model, e.g. vgg16 (default: detected)")
@@ -645,6 +780,12 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         help="torchvision only: build for this input size, folding the 7x7 adaptive pool "
         "into FC1 (default 224)",
+    )
+    parser.add_argument(
+        "--features-only",
+        action="store_true",
+        help="Keras only: convert a file saved with include_top=False (its conv layers, with a "
+        "placeholder head; for vgg_jax.features, not predict)",
     )
     parser.add_argument(
         "--in-channels",
@@ -661,21 +802,28 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.export_torchvision:
-            bundle = checkpoints.load_bundle(args.src)
+            from vgg_jax import pretrained  # it imports this module
+
+            bundle = pretrained.resolve(args.src)
             write_torchvision_file(to_torchvision(bundle), args.export_torchvision)
             print(f"Wrote {bundle.name} as a torchvision state dict to {args.export_torchvision}")
             return 0
         if not args.to:
             parser.error("give --to OUT_BUNDLE (or --export-torchvision OUT)")
-        if checkpoints.is_bundle(args.src):
-            bundle = checkpoints.load_bundle(args.src)
+        src = fetch_source(args.src, args.sha256)
+        if checkpoints.is_bundle(src) or _is_weights_name(src):
+            from vgg_jax import pretrained  # it imports this module
+
+            bundle = pretrained.resolve(src)
             bundle = adapt_bundle(bundle, args.in_channels, args.image_size)
         else:
-            bundle = convert_file(args.src, args.format, args.model, args.image_size)
+            bundle = convert_file(
+                src, args.format, args.model, args.image_size, args.features_only
+            )
             if args.in_channels:
                 bundle = adapt_bundle(bundle, args.in_channels)
         checkpoints.save_bundle(args.to, bundle)
-    except (ValueError, FileNotFoundError) as e:  # ConversionError is a ValueError
+    except (ValueError, OSError) as e:  # ConversionError is a ValueError, DownloadError an OSError
         print(f"error: {e}", file=sys.stderr)
         return 2
     p = bundle.preprocessing

@@ -868,15 +868,19 @@ def _base_config(args: argparse.Namespace) -> Any:
 
 
 def load_network(path: str, which: str = "best") -> tuple[Member, checkpoints.ModelBundle]:
-    """A model bundle directory, or a training workdir (its best or latest checkpoint)."""
-    if not fileio.exists(path):
-        raise SystemExit(f"{path} does not exist.")
-    if checkpoints.is_bundle(path):
-        bundle = checkpoints.load_bundle(path)
-    else:
-        bundle = checkpoints.load_workdir(path, which=which)
+    """A weights name, a bundle directory or a training workdir (`pretrained.resolve`)."""
+    bundle = _resolve_network(path, which)
     name = fileio.basename(path)
     return Member.from_bundle(bundle, name=name), bundle
+
+
+def _resolve_network(path: str, which: str) -> checkpoints.ModelBundle:
+    from vgg_jax import pretrained  # imports convert; only evaluations that name a network
+
+    try:
+        return pretrained.resolve(path, which)
+    except (FileNotFoundError, pretrained.PretrainedError) as e:
+        raise SystemExit(str(e)) from None
 
 
 def load_members(args: argparse.Namespace) -> list[Member]:
@@ -958,7 +962,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workdir", help="training run directory (its best or latest checkpoint)")
     p.add_argument("--which", default="best", choices=("best", "latest"))
     p.add_argument(
-        "--checkpoint", action="append", help="model bundle directory (repeat for an ensemble)"
+        "--checkpoint",
+        "--weights",
+        dest="checkpoint",
+        action="append",
+        help="weights name (e.g. vgg16), model bundle or run directory (repeat: an ensemble)",
     )
     p.add_argument("--config", help="config FILE[:variant] with the data settings")
     p.add_argument("--dataset", help="override config.dataset")

@@ -1,14 +1,16 @@
 """VGG as a feature extractor: named activations, perceptual loss, the paper's descriptor.
 
-Every function takes either a `ModelBundle` (from `vgg_jax.convert` or
-`checkpoints.load_bundle`) or a bare `VGG` model with its variables:
+Every function takes a `ModelBundle` (from `vgg_jax.pretrained.resolve`:
+a weights name such as "vgg16", a bundle directory or a training run; a
+string is resolved on each call, so resolve once for loops) or a bare `VGG`
+model with its variables:
 
 * with a bundle, images are RGB pixels in [0, 1] (NHWC) and the bundle's own
   preprocessing (channel order, value range, mean, std) is applied, so
   converted torchvision and Keras weights see what they were trained on;
 * with a model, images are network input, already preprocessed.
 
-    bundle = checkpoints.load_bundle("weights/vgg16_torchvision")
+    bundle = pretrained.resolve("vgg16")   # or a bundle directory, or a training run
     acts = features(bundle, None, images, layers=("relu1_2", "pool5", "fc7"))
     loss = perceptual_loss(bundle, None, x, y)            # differentiable in x and y
     desc = image_descriptor(bundle, None, [img1, img2])   # (2, 4096), unit L2 norm
@@ -31,10 +33,20 @@ Array = jax.Array
 DESCRIPTOR_SCALES = (256, 384, 512)  # the paper's Q for Appendix B
 
 
+def _as_network(network: ModelBundle | models.VGG | str) -> ModelBundle | models.VGG:
+    """A string is a weights name, bundle directory or run (`pretrained.resolve`)."""
+    if isinstance(network, str):
+        from vgg_jax import pretrained  # only callers that pass a name pay for its imports
+
+        return pretrained.resolve(network)
+    return network
+
+
 def _resolve(
-    network: ModelBundle | models.VGG, variables: Mapping[str, Any] | None
+    network: ModelBundle | models.VGG | str, variables: Mapping[str, Any] | None
 ) -> tuple[models.VGG, Mapping[str, Any], Preprocessing | None]:
-    """(model, variables, preprocessing or None) from a bundle or a model."""
+    """(model, variables, preprocessing or None) from a bundle, a model, or a name/path."""
+    network = _as_network(network)
     if isinstance(network, ModelBundle):
         return network.model, variables or network.variables, network.preprocessing
     if not isinstance(network, models.VGG):
@@ -63,7 +75,7 @@ def _check_layers(model: models.VGG, layers: Sequence[str]) -> tuple[str, ...]:
 
 
 def features(
-    network: ModelBundle | models.VGG,
+    network: ModelBundle | models.VGG | str,
     variables: Mapping[str, Any] | None,
     images: Array | np.ndarray,
     layers: Sequence[str] = ("fc7",),
@@ -95,7 +107,7 @@ def default_perceptual_layers(model: models.VGG) -> tuple[str, ...]:
 
 
 def perceptual_loss(
-    network: ModelBundle | models.VGG,
+    network: ModelBundle | models.VGG | str,
     variables: Mapping[str, Any] | None,
     x: Array,
     y: Array,
@@ -132,7 +144,7 @@ def resize_smallest_side(image: Array | np.ndarray, size: int) -> Array:
 
 
 def image_descriptor(
-    network: ModelBundle | models.VGG,
+    network: ModelBundle | models.VGG | str,
     variables: Mapping[str, Any] | None,
     images: Array | np.ndarray | Sequence[Array | np.ndarray],
     scales: Sequence[int] = DESCRIPTOR_SCALES,
@@ -156,6 +168,7 @@ def image_descriptor(
     """
     if combine not in ("mean", "stack"):
         raise ValueError(f"combine must be 'mean' or 'stack', got {combine!r}.")
+    network = _as_network(network)  # resolved once, not once per batch
     model, variables, _ = _resolve(network, variables)
     too_small = [q for q in scales if q < model.image_size]
     if too_small:
@@ -178,7 +191,7 @@ def image_descriptor(
 
 
 def _descriptor_rows(
-    network: ModelBundle | models.VGG,
+    network: ModelBundle | models.VGG | str,
     variables: Mapping[str, Any] | None,
     batch: Array | np.ndarray,
     scales: Sequence[int],

@@ -26,20 +26,9 @@ import numpy as np
 from PIL import Image
 
 from vgg_jax import boxes, data_sources
+from vgg_jax.class_names import FASHION_MNIST_CLASSES
 from vgg_jax.image_io import to_uint8, unit_float
 
-FASHION_MNIST_CLASSES = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-)
 # An item pixel counts towards its box above this grey level (of 255): the items have
 # faint fringes, and the box is the object's, not the 28x28 frame's.
 ITEM_THRESHOLD = 25

@@ -1,12 +1,16 @@
-"""Classify images with a model bundle: top-5 ImageNet classes with names and probabilities.
+"""Classify images: the top classes of a network, with names and probabilities.
 
-    python -m vgg_jax.predict cat.jpg dog.png --weights weights/vgg16_torchvision
-    python -m vgg_jax.predict cat.jpg --weights weights/vgg16_keras --dense
+    python -m vgg_jax.predict cat.jpg dog.png --weights vgg16          # torchvision's, by name
+    python -m vgg_jax.predict cat.jpg --weights keras_vgg16 --dense
+    python -m vgg_jax.predict shoe.png --weights runs/fashion_mnist_quick   # a training run
 
-Single crop (default): the image is rescaled isotropically so its smallest
-side is image_size * 256 / 224 (256 for 224 models), with PIL's bilinear
-(antialiased) filter, and the central image_size square is classified: the
-same as torchvision's reference `Resize(256) + CenterCrop(224)`.
+`--weights` is anything `vgg_jax.pretrained.resolve` takes: a weights name,
+a bundle directory or a training workdir (its best variables).
+Single crop (default): the source framework's own preprocessing
+(`vgg_jax.reference_preprocessing`): for torchvision weights and networks
+trained here `Resize(256)` + `CenterCrop(224)` with torchvision's integer
+arithmetic (scaled to the network's image_size), for Keras weights Keras's
+`load_img(target_size=(224, 224))` squash (nearest neighbour).
 `--dense`: the paper's dense multi-scale evaluation (`vgg_jax.evaluate.
 DenseEvaluator`): the whole image at smallest sides Q = 256, 384, 512 (scaled
 by image_size / 224) and its mirror image, soft-max averaged.
@@ -22,36 +26,23 @@ import jax
 import numpy as np
 from PIL import Image
 
-from vgg_jax import checkpoints, imagenet_classes
+from vgg_jax import class_names as names_lib
+from vgg_jax import pretrained, reference_preprocessing
 from vgg_jax.checkpoints import ModelBundle
-from vgg_jax.image_io import open_image, pixels, to_uint8
+from vgg_jax.image_io import open_image, pixels
 
 DENSE_SCALES = (256, 384, 512)
 
 
 def central_crop(image: Image.Image | np.ndarray, image_size: int = 224) -> np.ndarray:
-    """Smallest side to image_size * 256 / 224 (bilinear), then the central square; [0, 1]."""
-    if isinstance(image, np.ndarray):
-        quantised = to_uint8(image)
-        image = Image.fromarray(quantised[..., 0] if quantised.shape[-1] == 1 else quantised)
-    side = round(image_size * 256 / 224)
-    w, h = image.size
-    scale = side / min(w, h)
-    size = (max(side, round(w * scale)), max(side, round(h * scale)))
-    image = image.resize(size, Image.BILINEAR)
-    left, top = (size[0] - image_size) // 2, (size[1] - image_size) // 2
-    image = image.crop((left, top, left + image_size, top + image_size))
-    return pixels(image)
+    """torchvision's Resize(image_size * 256 / 224) + CenterCrop(image_size), pixels in [0, 1]."""
+    image = reference_preprocessing.as_pil(image)
+    return pixels(reference_preprocessing.torchvision_crop(image, image_size))
 
 
 def class_names(bundle: ModelBundle) -> list[str]:
-    """Names for the bundle's classes: its own list, ImageNet's, or 'class i'."""
-    names = bundle.metadata.get("class_names")
-    if names and len(names) == bundle.num_classes:
-        return list(names)
-    if bundle.num_classes == len(imagenet_classes.CLASSES):
-        return [imagenet_classes.class_name(i) for i in range(bundle.num_classes)]
-    return [f"class {i}" for i in range(bundle.num_classes)]
+    """Names for the bundle's classes (`vgg_jax.class_names.class_names`)."""
+    return names_lib.class_names(bundle)
 
 
 def single_crop_probabilities(bundle: ModelBundle, crops: np.ndarray) -> np.ndarray:
@@ -100,12 +91,17 @@ def predict(
 
     Bundles adapted to greyscale (`convert --in-channels 1`) get the images in grey.
     """
+    if (bundle.metadata or {}).get("features_only"):
+        raise ValueError(
+            f"{bundle.metadata.get('pretrained_name', bundle.name)} holds trained features only "
+            "(its classifier has no trained values): use it with vgg_jax.features, not predict."
+        )
     grey = np.shape(bundle.variables["params"]["features"]["conv1_1"]["kernel"])[2] == 1
     images = [open_image(p, 1 if grey else 3) for p in paths]
     if dense:
         probs = dense_probabilities(bundle, [pixels(im) for im in images], scales)
     else:
-        crops = np.stack([central_crop(im, bundle.image_size) for im in images])
+        crops = np.stack([reference_preprocessing.reference_crop(im, bundle) for im in images])
         probs = single_crop_probabilities(bundle, crops)
     names = class_names(bundle)
     return [top_k(p, names, top) for p in probs]
@@ -114,22 +110,32 @@ def predict(
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m vgg_jax.predict",
-        description="Top ImageNet classes of images, with a converted or trained model bundle.",
+        description="Top classes of images, with pretrained weights, a bundle or a training run.",
     )
     parser.add_argument("images", nargs="+", help="image files (any format PIL reads)")
-    parser.add_argument("--weights", required=True, help="model bundle directory")
+    parser.add_argument(
+        "--weights",
+        required=True,
+        help=f"weights name ({', '.join(pretrained.names())}), model bundle directory or "
+        "training workdir",
+    )
+    parser.add_argument(
+        "--which", default="best", choices=("best", "latest"), help="for a workdir: which state"
+    )
     parser.add_argument("--dense", action="store_true", help="dense multi-scale evaluation")
     parser.add_argument("--scales", help="comma-separated Q for --dense (default 256,384,512)")
     parser.add_argument("--top", type=int, default=5, help="how many classes to print")
     args = parser.parse_args(argv)
     scales = [int(q) for q in args.scales.split(",")] if args.scales else None
     try:
-        bundle = checkpoints.load_bundle(args.weights)
+        bundle = pretrained.resolve(args.weights, args.which)
         results = predict(bundle, args.images, args.dense, args.top, scales)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    how = "dense, multi-scale + flip" if args.dense else f"central {bundle.image_size} crop"
+    source = (bundle.metadata or {}).get("source_format")
+    crop = "Keras's squash to" if source == "keras" else "torchvision's central"
+    how = "dense, multi-scale + flip" if args.dense else f"{crop} {bundle.image_size} crop"
     for path, top in zip(args.images, results, strict=True):
         print(f"{path} ({bundle.name}, {how}):")
         for rank, (index, name, p) in enumerate(top, 1):

@@ -1,10 +1,15 @@
-"""Class score maps of one image: `python -m vgg_jax.score_map IMAGE --checkpoint BUNDLE`.
+"""Class score maps of one image: `python -m vgg_jax.score_map IMAGE --weights vgg16`.
+
+`--weights` takes a weights name, a bundle directory or a training run
+(`vgg_jax.pretrained.resolve`); `--workdir` and `--checkpoint` still work.
 
 Runs the network fully convolutionally (the paper's dense evaluation) on the
 image rescaled to smallest side Q, and writes a PNG: the image, then for each
 of the top classes (by the spatially averaged scores) the per-position soft-max
-probability of that class laid over the image. Position (i, j) of the map is
-the network's view of the window of image_size pixels starting at 32 * (i, j).
+probability of that class laid over the whole image, titled with the class
+name. Position (i, j) of the map is the network's view of the window of
+image_size pixels starting at 32 * (i, j); each pixel is coloured by the
+position whose window is centred nearest to it (`full_image_map`).
 """
 
 from __future__ import annotations
@@ -15,11 +20,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from vgg_jax import class_names as names_lib
 from vgg_jax import evaluate, image_io
 
 
 def class_names(bundle, labels_file: str | None, num_classes: int) -> list[str]:
-    """From --labels (one name a line), the bundle's metadata, or class indices."""
+    """From --labels (one name a line), else the bundle's or its dataset's names."""
     if labels_file:
         with open(labels_file) as f:
             names = [line.strip() for line in f if line.strip()]
@@ -28,10 +34,7 @@ def class_names(bundle, labels_file: str | None, num_classes: int) -> list[str]:
                 f"{labels_file} has {len(names)} names but the network has {num_classes} classes."
             )
         return names
-    names = (bundle.metadata or {}).get("class_names")
-    if names and len(names) == num_classes:
-        return list(names)
-    return [f"class {i}" for i in range(num_classes)]
+    return names_lib.class_names(bundle)
 
 
 def default_scale(image_size: int) -> int:
@@ -52,6 +55,21 @@ def top_class_maps(
     return rescaled, classes, probs[classes], position_probs[..., classes]
 
 
+def full_image_map(maps: np.ndarray, height: int, width: int, crop: int, stride: int) -> np.ndarray:
+    """(height, width, ...) maps: each pixel shows the cell whose window is centred nearest.
+
+    Cell (i, j) sees the crop x crop window starting at stride * (i, j), whose
+    centre is stride * (i, j) + crop / 2; pixels beyond the first and last
+    centres take the edge cells, so the picture covers the whole image.
+    """
+
+    def nearest(n: int, cells: int) -> np.ndarray:
+        centre = np.arange(n) + 0.5 - crop / 2
+        return np.clip(np.round(centre / stride), 0, cells - 1).astype(int)
+
+    return maps[nearest(height, maps.shape[0])][:, nearest(width, maps.shape[1])]
+
+
 def draw(
     image: np.ndarray,
     names: Sequence[str],
@@ -60,26 +78,21 @@ def draw(
     window: int,
     output: str,
 ) -> None:
-    """Saves the image and one heat-map panel per class to `output` (PNG)."""
+    """Saves the image and one heat-map panel per class over the whole image to `output` (PNG)."""
     from matplotlib.figure import Figure  # no pyplot: no global backend switch
 
     stride = evaluate.NETWORK_STRIDE
-    rows, cols = maps.shape[:2]
-    # Each map cell drawn over the centre of its window, one stride wide.
-    half = window * stride / 2
-    extent = (half - stride / 2, half + (cols - 0.5) * stride, half + (rows - 0.5) * stride,
-              half - stride / 2)  # fmt: skip
+    height, width = image.shape[:2]
+    full = full_image_map(maps, height, width, window * stride, stride)
     shown = image[..., 0] if image.shape[-1] == 1 else image
     top = max(float(maps.max()), 1e-6)  # one colour scale for all panels
     fig = Figure(figsize=(4 * (len(names) + 1), 4.4))
     axes = fig.subplots(1, len(names) + 1)
     axes[0].imshow(np.clip(shown, 0, 1), cmap="gray" if shown.ndim == 2 else None)
-    axes[0].set_title(f"input, Q={min(image.shape[:2])}")
-    for ax, name, p, m in zip(axes[1:], names, probs, np.moveaxis(maps, -1, 0), strict=True):
+    axes[0].set_title(f"input, Q={min(height, width)}")
+    for ax, name, p, m in zip(axes[1:], names, probs, np.moveaxis(full, -1, 0), strict=True):
         ax.imshow(np.clip(shown, 0, 1), cmap="gray" if shown.ndim == 2 else None)
-        heat = ax.imshow(m, cmap="jet", alpha=0.5, extent=extent, vmin=0, vmax=top)
-        ax.set_xlim(0, image.shape[1])
-        ax.set_ylim(image.shape[0], 0)
+        heat = ax.imshow(m, cmap="jet", alpha=0.5, extent=(0, width, height, 0), vmin=0, vmax=top)
         ax.set_title(f"{name}: {100 * p:.1f}%")
     for ax in axes:
         ax.axis("off")
@@ -95,14 +108,16 @@ def main(argv: Sequence[str] | None = None) -> str:
     p.add_argument("--workdir", help="training run directory")
     p.add_argument("--which", default="best", choices=("best", "latest"))
     p.add_argument("--checkpoint", help="model bundle directory (e.g. converted weights)")
+    p.add_argument("--weights", help="weights name (e.g. vgg16), bundle or run directory")
     p.add_argument("--scale", type=int, help="test scale Q (default: 384 for 224 networks)")
     p.add_argument("--top", type=int, default=3, help="number of classes to draw")
     p.add_argument("--labels", help="text file with one class name per line")
     p.add_argument("--output", help="PNG to write (default: IMAGE_score_map.png here)")
     args = p.parse_args(argv)
-    if bool(args.workdir) == bool(args.checkpoint):
-        raise SystemExit("Name one network: --workdir RUN_DIR or --checkpoint BUNDLE_DIR.")
-    member, bundle = evaluate.load_network(args.workdir or args.checkpoint, args.which)
+    given = [a for a in (args.weights, args.workdir, args.checkpoint) if a]
+    if len(given) != 1:
+        raise SystemExit("Name one network: --weights NAME_OR_DIR (or --workdir / --checkpoint).")
+    member, bundle = evaluate.load_network(given[0], args.which)
     channels = int(member.variables["params"]["features"]["conv1_1"]["kernel"].shape[2])
     image = image_io.load_image(args.image, channels)
     size = member.model.image_size

@@ -166,16 +166,17 @@ def init_state(config, model, channels: int, steps_per_epoch: int) -> TrainState
 
 
 def load_init_source(path: str) -> checkpoints.ModelBundle:
-    """A model bundle, or a training run's best (else latest) variables."""
-    if not fileio.exists(path):
+    """A weights name (e.g. "vgg16"), a model bundle, or a run's best (else latest) variables."""
+    from vgg_jax import pretrained  # the one resolver of names, bundles and runs
+
+    if not fileio.exists(path) and path not in pretrained.REGISTRY:
         raise FileNotFoundError(
             f"config.init_from={path!r} does not exist. Train the previous stage there first "
             "(the :384 and :jitter variants start from the :256 and :384 runs, see "
-            "configs/paper.py), or point --config.init_from at a run or model bundle."
+            "configs/paper.py), or point --config.init_from at a run, a model bundle or a "
+            f"weights name ({', '.join(pretrained.names())})."
         )
-    if checkpoints.is_bundle(path):
-        return checkpoints.load_bundle(path)
-    return checkpoints.load_workdir(path, "best")
+    return pretrained.resolve(path, "best")
 
 
 def transfer_params(target: Any, source: Any, mode: str, say: Callable[[str], None]) -> Any:

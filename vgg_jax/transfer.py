@@ -15,8 +15,8 @@ evaluated with
 * mean average precision (VOC, multi-label): one SVM per class (one vs. rest),
   AP per class on the test split, averaged over classes.
 
-Command line (a model bundle or a training workdir per --weights; a second
---weights is fused by stacking):
+Command line (a weights name such as vgg16, a model bundle or a training
+workdir per --weights; a second --weights is fused by stacking):
 
     python -m vgg_jax.transfer --weights weights/vgg16 --dataset caltech101 --train-per-class 30
     python -m vgg_jax.transfer --weights weights/vgg16 --weights weights/vgg19 \\
@@ -582,7 +582,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description="Linear-SVM transfer with the paper's dense multi-scale image descriptor.",
     )
     p.add_argument(
-        "--weights", action="append", help="model bundle or training workdir (twice: fuse two)"
+        "--weights",
+        action="append",
+        help="weights name (e.g. vgg16), model bundle or training workdir (twice: fuse two)",
     )
     p.add_argument("--which", default="best", choices=("best", "latest"))
     p.add_argument(
