@@ -64,7 +64,7 @@ from collections.abc import Iterator
 import numpy as np
 import tensorflow as tf
 
-from vgg_jax import data_sources
+from vgg_jax import data_sources, image_io
 
 log = logging.getLogger(__name__)
 
@@ -223,9 +223,38 @@ class Augment:
         )
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
 def decode_image(encoded: tf.Tensor, channels: int) -> tf.Tensor:
-    """Any JPEG/PNG/BMP/GIF -> uint8 (H, W, channels); grey, CMYK and alpha are converted."""
-    image = tf.io.decode_image(encoded, channels=channels, dtype=tf.uint8, expand_animations=False)
+    """Any JPEG/PNG/BMP/GIF -> uint8 (H, W, channels) by `image_io`'s pixel rules.
+
+    PNGs (16-bit, palette, grey, alpha) give exactly `image_io.open_image`'s
+    pixels: decoded as 8-bit RGBA (libpng keeps a 16-bit sample's high byte),
+    alpha composited on white, luma for one channel. JPEG (grey and CMYK too),
+    BMP and GIF use TensorFlow's decoders, which agree with PIL's up to JPEG's
+    IDCT rounding and CMYK conversion.
+    """
+
+    def png():
+        # channels=0: as stored (grey, grey+alpha, RGB, RGBA; palette expanded, its tRNS as
+        # alpha). decode_png(channels=4) would fill a wrong alpha into low-bit-depth files.
+        native = tf.cast(tf.io.decode_png(encoded, channels=0), tf.int32)
+        shape = tf.shape(native)
+        has_alpha = shape[2] % 2 == 0
+        colour = native[..., : shape[2] - tf.cast(has_alpha, tf.int32)]
+        colour = tf.broadcast_to(colour, tf.concat([shape[:2], [3]], 0))
+        alpha = tf.where(has_alpha, native[..., -1:], 255)
+        rgb = image_io.flatten_alpha(tf.concat([colour, alpha], -1))
+        return tf.cast(image_io.luma(rgb) if channels == 1 else rgb, tf.uint8)
+
+    def other():
+        return tf.io.decode_image(
+            encoded, channels=channels, dtype=tf.uint8, expand_animations=False
+        )
+
+    is_png = tf.equal(tf.strings.substr(encoded, 0, len(_PNG_SIGNATURE)), _PNG_SIGNATURE)
+    image = tf.cond(is_png, png, other)
     image.set_shape([None, None, channels])
     return image
 
