@@ -88,4 +88,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.coordinator_address = ""
     c.num_processes = 0
     c.process_id = -1
+
+    # Undecodable images (input_pipeline): "skip" them, counted per epoch and in total, or
+    # "fail" at the first with its name.
+    c.bad_images = "skip"
     return c

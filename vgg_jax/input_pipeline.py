@@ -83,6 +83,74 @@ PCA_EIGVEC = np.array(
 )
 
 Batch = dict[str, np.ndarray]
+BAD_IMAGE_POLICIES = ("skip", "fail")
+
+
+@dataclasses.dataclass
+class BadImageCounter:
+    """Undecodable images skipped by a `train_dataset` or `eval_dataset` iterator.
+
+    Create one, pass it as `bad_images=`; after every `next()` it describes the
+    batch just yielded (this process only; sum over processes for a global count):
+
+      batch        images skipped for that batch: a pure function of (config.seed,
+                   step) and the data, so a resumed run counts what the first run did;
+      names        their file names (tfds ids for tfds datasets);
+      epoch        that batch's epoch (always 0 for evaluation);
+      epoch_count  skipped in that epoch so far; total: skipped in all.
+
+    Every bad file is counted once per epoch it is skipped in (`total` sums
+    epochs). A resumed run starts from the counts it is given, e.g.
+    `BadImageCounter(epoch=e, epoch_count=n, total=t)` from the loop's last
+    metrics; `epoch_count` restarts at 0 when the epoch changes.
+    """
+
+    batch: int = 0
+    epoch: int = 0
+    epoch_count: int = 0
+    total: int = 0
+    names: list[str] = dataclasses.field(default_factory=list)
+
+    def add(self, epoch: int, names: list[str]) -> None:
+        """Records the skipped files of one batch of `epoch`."""
+        if epoch != self.epoch:
+            self.epoch, self.epoch_count = epoch, 0
+        self.batch, self.names = len(names), list(names)
+        self.epoch_count += len(names)
+        self.total += len(names)
+
+
+def bad_image_policy(config) -> str:
+    """config.bad_images: "skip" (default: skip and count) or "fail" (stop at the first)."""
+    policy = config.get("bad_images", "skip")
+    if policy not in BAD_IMAGE_POLICIES:
+        raise ValueError(f"config.bad_images must be one of {BAD_IMAGE_POLICIES}, got {policy!r}.")
+    return policy
+
+
+def _check_bad(config, names: list[str], what: str) -> None:
+    """With config.bad_images="fail", an error naming the first undecodable file."""
+    if names and bad_image_policy(config) == "fail":
+        raise ValueError(
+            f"{what} image {names[0]!r} cannot be decoded; repair or remove it, or set "
+            "config.bad_images='skip' to skip and count such files."
+        )
+
+
+def _shown(names: list[str], most: int = 5) -> str:
+    """The first few names, for a log line."""
+    return ", ".join(names[:most]) + (" ..." if len(names) > most else "")
+
+
+def _log_epoch(epoch: int, pi: int, counter: BadImageCounter) -> None:
+    log.warning(
+        "Epoch %d, process %d: skipped %d training image(s) that could not be decoded "
+        "(%d in all so far).",
+        epoch,
+        pi,
+        counter.epoch_count,
+        counter.total,
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -465,18 +533,57 @@ def _example_seed(seed: int, epoch: int, process_index: int, position: tf.Tensor
     return tf.random.experimental.stateless_fold_in(base, position)
 
 
+# Seed offset for a record borrowed into the batch before its own: its augmentation then
+# differs from the one it gets in its own batch.
+_BORROWED = 1 << 40
+
+
+def _chunk_pairs(records: tf.data.Dataset, skip: int, local_batch: int) -> tf.data.Dataset:
+    """(chunk b, chunk b + 1) of the epoch's encoded records, chunk b = positions [bB, (b+1)B).
+
+    A second pass of the records follows the first, so the last batch has a successor.
+    Records are only read here (never decoded), so skipped steps cost no decoding.
+    """
+    flat = records.repeat(2).enumerate().skip(skip * local_batch)
+    chunks = flat.map(lambda p, ex: {**ex, "position": p}).batch(local_batch, drop_remainder=True)
+    empty = tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), chunks.element_spec)
+    pairs = chunks.scan(empty, lambda prev, cur: (cur, (prev, cur)))
+    return pairs.skip(1)
+
+
 def _train_epoch(config, source, aug, epoch, skip, steps, pi, pc, local_batch) -> tf.data.Dataset:
-    """This process's batches of one epoch, starting `skip` batches in."""
+    """This process's batches of one epoch, starting `skip` batches in.
+
+    Batch b holds the records at positions [bB, (b+1)B) of the epoch's order, B =
+    local_batch. A record that cannot be decoded is replaced by the next decodable
+    record of positions [(b+1)B, (b+2)B), decoded with another augmentation seed,
+    so each batch is a function of (seed, epoch, b) and the data alone: resuming
+    at any step is exact with corrupt files too. Each element also carries the
+    positions it used ('position') and the names of all its candidates ('names')
+    for counting; a batch with fewer than B rows could not be filled.
+    """
     shuffle_seed = _epoch_seed(config.seed, epoch, pi)
     records = source.records(config.train_split, pi, pc, shuffle_seed, config.shuffle_buffer)
-    # A second pass stands in for any records dropped as undecodable.
-    ds = records.repeat(2).enumerate().skip(skip * local_batch)
     num_classes = config.num_classes
 
-    def preprocess(position, ex):
+    def preprocess(ex):
+        own = ex["position"] < ex["limit"]
+        position = tf.where(own, ex["position"], ex["position"] + _BORROWED)
         seed = _example_seed(config.seed, epoch, pi, position)
         image = train_preprocess(ex["image"], seed, aug, config)
-        return {"image": image, "label": ex["label"], "position": position}
+        return {"image": image, "label": ex["label"], "position": ex["position"]}
+
+    def fill(prev, cur):
+        candidates = tf.nest.map_structure(lambda a, b: tf.concat([a, b], 0), prev, cur)
+        limit = prev["position"][0] + local_batch
+        rows = tf.data.Dataset.from_tensor_slices(candidates)
+        # Sequential map: a borrowed record is decoded only when an own one failed.
+        rows = rows.map(lambda ex: preprocess({**ex, "limit": limit})).ignore_errors()
+        batch = rows.take(local_batch).batch(local_batch)
+        spec = batch.element_spec
+        empty = tf.nest.map_structure(lambda s: tf.zeros([0, *s.shape[1:]], s.dtype), spec)
+        batch = batch.concatenate(tf.data.Dataset.from_tensors(empty)).take(1)
+        return batch.map(lambda b: {**b, "names": candidates["name"]})
 
     def check_label(ex):
         label = tf.cast(ex["label"], tf.int32)
@@ -486,10 +593,28 @@ def _train_epoch(config, source, aug, epoch, skip, steps, pi, pc, local_batch) -
         tf.debugging.assert_non_negative(label, message="negative label")
         return {**ex, "label": label}
 
-    ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.ignore_errors().map(check_label)
-    ds = ds.batch(local_batch, drop_remainder=True).take(steps - skip)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    pairs = _chunk_pairs(records, skip, local_batch).take(steps - skip)
+    ds = pairs.interleave(
+        fill, cycle_length=tf.data.AUTOTUNE, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+    )
+    return ds.map(check_label).prefetch(tf.data.AUTOTUNE)
+
+
+def _bad_names(batch: Batch, b: int, local_batch: int, steps: int, shard: int) -> list[str]:
+    """Names of the undecodable records a batch skipped, each counted by exactly one batch.
+
+    Batch b counts its own positions [bB, (b+1)B) that it did not use; the last batch
+    also counts the records of the epoch's tail [steps*B, shard) that it tried. Records
+    of the next batch that failed as substitutes are left for that batch to count.
+    """
+    used = set(batch["position"].tolist())
+    first = b * local_batch
+    tried_end = max(used) + 1 if len(used) == local_batch else first + 2 * local_batch
+    own_end = first + local_batch
+    if b == steps - 1:
+        own_end = max(own_end, min(tried_end, shard))
+    names = batch["names"]
+    return [names[p - first].decode() for p in range(first, own_end) if p not in used]
 
 
 def train_dataset(
@@ -498,8 +623,14 @@ def train_dataset(
     start_step: int = 0,
     process_index: int | None = None,
     process_count: int | None = None,
+    bad_images: BadImageCounter | None = None,
 ) -> Iterator[Batch]:
-    """Infinite iterator over this process's share of each global training batch."""
+    """Infinite iterator over this process's share of each global training batch.
+
+    `bad_images` (optional) is updated before each batch is yielded.
+    """
+    counter = BadImageCounter() if bad_images is None else bad_images
+    bad_image_policy(config)
     pi, pc = _processes(process_index, process_count)
     local_batch = _local_batch(config.batch_size, pc, "batch_size")
     source = get_source(config)
@@ -510,35 +641,32 @@ def train_dataset(
     if start_step < 0:
         raise ValueError(f"start_step must be >= 0, got {start_step}.")
     if config.cache:
-        images, labels = _in_memory(config, source, aug, pi, pc)
-        return _memory_iterator(config.seed, images, labels, start_step, steps, pi, local_batch)
-    return _train_iterator(config, source, aug, start_step, steps, pi, pc, local_batch)
+        images, labels, bad = _in_memory(config, source, aug, pi, pc)
+        return _memory_iterator(
+            config.seed, images, labels, start_step, steps, pi, local_batch, bad, counter
+        )
+    return _train_iterator(config, source, aug, start_step, steps, pi, pc, local_batch, counter)
 
 
-def _train_iterator(config, source, aug, start_step, steps, pi, pc, local_batch):
+def _train_iterator(config, source, aug, start_step, steps, pi, pc, local_batch, counter):
     epoch, skip = divmod(start_step, steps)
+    shard = source.shard_sizes(config.train_split, pc)[pi]
     while True:
         ds = _train_epoch(config, source, aug, epoch, skip, steps, pi, pc, local_batch)
-        seen, last = 0, skip * local_batch - 1
-        for batch in ds.as_numpy_iterator():
-            positions = batch.pop("position")
-            seen += positions.size
-            last = int(positions[-1])
-            yield batch
-        if seen < (steps - skip) * local_batch:
-            raise RuntimeError(
-                f"Epoch {epoch}, process {pi}: only {seen} decodable training images for "
-                f"{steps - skip} batches of {local_batch}; too many files are corrupt or "
-                "unreadable (check the data in config.data_dir)."
-            )
-        dropped = (last + 1 - skip * local_batch) - seen
-        if dropped:
-            log.warning(
-                "Epoch %d, process %d: skipped %d training image(s) that could not be decoded.",
-                epoch,
-                pi,
-                dropped,
-            )
+        for b, batch in enumerate(ds.as_numpy_iterator(), start=skip):
+            bad = _bad_names(batch, b, local_batch, steps, shard)
+            _check_bad(config, bad, "Training")
+            if len(batch["label"]) < local_batch:
+                raise RuntimeError(
+                    f"Epoch {epoch}, step {epoch * steps + b}, process {pi}: only "
+                    f"{len(batch['label'])} of {2 * local_batch} training images around this "
+                    f"batch decode, fewer than its {local_batch}; too many files are corrupt or "
+                    "unreadable (check the data in config.data_dir)."
+                )
+            counter.add(epoch, bad)
+            if b == steps - 1 and counter.epoch_count:
+                _log_epoch(epoch, pi, counter)
+            yield {"image": batch["image"], "label": batch["label"]}
         epoch, skip = epoch + 1, 0
 
 
@@ -565,8 +693,11 @@ def _check_cacheable(aug: Augment) -> None:
         )
 
 
-def _in_memory(config, source, aug: Augment, pi: int, pc: int) -> tuple[np.ndarray, np.ndarray]:
-    """This process's training share, rescaled to S = image_size, centre-cropped, normalised."""
+def _in_memory(config, source, aug: Augment, pi: int, pc: int):
+    """This process's training share, rescaled to S = image_size, centre-cropped, normalised.
+
+    Returns (images, labels, names of the files that could not be decoded).
+    """
     _check_cacheable(aug)
     key = (
         config.dataset, config.data_dir, config.get("manual_dir", ""), tuple(config.classes),
@@ -577,15 +708,18 @@ def _in_memory(config, source, aug: Augment, pi: int, pc: int) -> tuple[np.ndarr
         _MEMORY.clear()  # one training set at a time
         records = source.records(config.train_split, pi, pc, None, 0)
 
-        def preprocess(ex):
+        def preprocess(position, ex):
             image = eval_preprocess(ex["image"], aug.channels, aug.size, aug.size, aug.method)
-            return normalize(image, config), tf.cast(ex["label"], tf.int32)
+            return normalize(image, config), tf.cast(ex["label"], tf.int32), position
 
-        ds = records.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        images, labels = [], []
-        for image, label in ds.ignore_errors().batch(1024).as_numpy_iterator():
+        ds = records.enumerate().map(
+            preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+        )
+        images, labels, kept = [], [], []
+        for image, label, position in ds.ignore_errors().batch(1024).as_numpy_iterator():
             images.append(image)
             labels.append(label)
+            kept.append(position)
         empty = (np.zeros((0, aug.size, aug.size, aug.channels), np.float32), np.zeros(0, np.int32))
         images_np = np.concatenate(images) if images else empty[0]
         labels_np = np.concatenate(labels) if labels else empty[1]
@@ -594,29 +728,53 @@ def _in_memory(config, source, aug: Augment, pi: int, pc: int) -> tuple[np.ndarr
                 f"Training labels span {labels_np.min()}..{labels_np.max()}: set "
                 "config.num_classes > the largest label."
             )
-        dropped = source.shard_sizes(config.train_split, pc)[pi] - len(labels_np)
-        if dropped > 0:
+        shard = source.shard_sizes(config.train_split, pc)[pi]
+        found = set(np.concatenate(kept).tolist()) if kept else set()
+        bad = _record_names(records, sorted(set(range(shard)) - found))
+        _check_bad(config, bad, "Training")
+        if bad:
             log.warning(
-                "Process %d: skipped %d training image(s) that could not be decoded.", pi, dropped
-            )
-        _MEMORY[key] = (images_np, labels_np)  # float32 already: normalize() returns it
+                "Process %d: skipped %d training image(s) that could not be decoded (in "
+                "every epoch): %s", pi, len(bad), _shown(bad),
+            )  # fmt: skip
+        _MEMORY[key] = (images_np, labels_np, bad)  # float32 already: normalize() returns it
         log.info("Cached %d training images (%.0f MiB).", len(labels_np), images_np.nbytes / 2**20)
     return _MEMORY[key]
 
 
-def _memory_iterator(seed, images, labels, start_step, steps, pi, local_batch) -> Iterator[Batch]:
-    """Batches of a per-epoch permutation that depends only on (seed, epoch, process)."""
-    need = steps * local_batch
-    if len(labels) < need:
+def _record_names(records: tf.data.Dataset, positions: list[int]) -> list[str]:
+    """The names of the records at `positions` (sorted); reads the records only if any."""
+    if not positions:
+        return []
+    wanted, names = set(positions), []
+    for position, name in records.map(lambda ex: ex["name"]).enumerate().as_numpy_iterator():
+        if position in wanted:
+            names.append(name.decode())
+    return names
+
+
+def _memory_iterator(
+    seed, images, labels, start_step, steps, pi, local_batch, bad, counter
+) -> Iterator[Batch]:
+    """Batches of a per-epoch permutation that depends only on (seed, epoch, process).
+
+    With undecodable files there are fewer images than steps * local_batch: the
+    permutation is then read cyclically (its first images serve twice). The
+    skipped files are counted at each epoch's first step.
+    """
+    if len(labels) < local_batch:
         raise RuntimeError(
-            f"Process {pi}: only {len(labels)} decodable training images in memory for "
-            f"{steps} batches of {local_batch}; too many files are corrupt or unreadable."
+            f"Process {pi}: only {len(labels)} decodable training images in memory, fewer than "
+            f"one batch of {local_batch}; too many files are corrupt or unreadable."
         )
     epoch, skip = divmod(start_step, steps)
     while True:
         order = np.random.default_rng(_epoch_seed(seed, epoch, pi)).permutation(len(labels))
         for b in range(skip, steps):
-            rows = order[b * local_batch : (b + 1) * local_batch]
+            rows = order[np.arange(b * local_batch, (b + 1) * local_batch) % len(labels)]
+            counter.add(epoch, bad if b == 0 else [])
+            if b == steps - 1 and counter.epoch_count:
+                _log_epoch(epoch, pi, counter)
             yield {"image": images[rows], "label": labels[rows]}
         epoch, skip = epoch + 1, 0
 
@@ -634,8 +792,15 @@ def eval_dataset(
     scale: int | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
+    bad_images: BadImageCounter | None = None,
 ) -> Iterator[Batch]:
-    """One pass over this process's share, padded to full batches with a 'mask'."""
+    """One pass over this process's share, padded to full batches with a 'mask'.
+
+    Undecodable images are skipped and counted in `bad_images` (config.bad_images
+    = "skip") or an error naming the first (= "fail").
+    """
+    counter = BadImageCounter() if bad_images is None else bad_images
+    policy = bad_image_policy(config)
     if mode not in ("center_crop", "full"):
         raise ValueError(f"eval mode must be 'center_crop' or 'full', got {mode!r}.")
     pi, pc = _processes(process_index, process_count)
@@ -656,36 +821,67 @@ def eval_dataset(
     records = source.records(split, pi, pc, None, 0)
     channels, num_classes = source.channels, config.num_classes
 
-    def preprocess(ex):
+    def preprocess(position, ex):
+        image = normalize(
+            eval_preprocess(ex["image"], channels, scale, crop, config.resize_method), config
+        )
+        real = tf.constant(True)
+        return {"image": image, "label": ex["label"], "mask": real, "position": position}
+
+    def check_label(ex):
         label = tf.cast(ex["label"], tf.int32)
         tf.debugging.assert_less(
             label, num_classes, message="label out of range: set config.num_classes > label"
         )
-        image = normalize(
-            eval_preprocess(ex["image"], channels, scale, crop, config.resize_method), config
-        )
-        return {"image": image, "label": label, "mask": tf.constant(True)}
+        return {**ex, "label": label}
 
     pad_side = crop or scale
     pad = {
         "image": tf.zeros([pad_side, pad_side, channels], tf.float32),
         "label": tf.constant(0, tf.int32),
         "mask": tf.constant(False),
+        "position": tf.constant(-1, tf.int64),
     }
-    ds = records.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat())
+    ds = records.enumerate().map(
+        preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+    )
+    if policy == "skip":
+        ds = ds.ignore_errors()
+    ds = ds.map(check_label).concatenate(tf.data.Dataset.from_tensors(pad).repeat())
     ds = ds.take(num_batches * local_batch).batch(local_batch).prefetch(tf.data.AUTOTUNE)
-    return _eval_iterator(ds, records, channels, local_batch)
+    if policy == "fail":
+        return _eval_iterator(ds, records, channels, local_batch)
+    return _skipping_eval_iterator(ds, records, sizes[pi], num_batches, counter)
 
 
 def _eval_iterator(ds, records, channels, local_batch) -> Iterator[Batch]:
     yielded = 0
     try:
         for batch in ds.as_numpy_iterator():
+            batch.pop("position")
             yield batch
             yielded += 1
     except tf.errors.OpError as e:
         _raise_bad_file(records, yielded * local_batch, channels, e)
+
+
+def _skipping_eval_iterator(ds, records, shard, num_batches, counter) -> Iterator[Batch]:
+    """Eval batches; the positions a batch jumps over (or, for the last, leaves) were bad."""
+    seen = 0  # records before this batch's first real one that were used or skipped
+    try:
+        for i, batch in enumerate(ds.as_numpy_iterator()):
+            positions = batch.pop("position")[batch["mask"]]
+            end = int(positions[-1]) + 1 if positions.size else seen
+            end = shard if i == num_batches - 1 else end
+            missing = sorted(set(range(seen, end)) - set(positions.tolist()))
+            seen = end
+            bad = _record_names(records, missing)
+            counter.add(0, bad)
+            if bad:
+                log.warning("Skipped %d undecodable evaluation image(s): %s", len(bad), _shown(bad))
+            yield batch
+    except tf.errors.OpError as e:
+        raise ValueError(f"Evaluation input failed: {e.message.strip()}") from None
 
 
 def _raise_bad_file(records, start: int, channels: int, error: Exception):
