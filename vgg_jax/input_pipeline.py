@@ -294,6 +294,11 @@ class Augment:
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
+def _with_channels(rgb: tf.Tensor, channels: int) -> tf.Tensor:
+    """int32 RGB -> uint8 RGB, or its luma (`image_io.luma`) for one channel."""
+    return tf.cast(image_io.luma(rgb) if channels == 1 else rgb, tf.uint8)
+
+
 def decode_image(encoded: tf.Tensor, channels: int) -> tf.Tensor:
     """Any JPEG/PNG/BMP/GIF -> uint8 (H, W, channels) by `image_io`'s pixel rules.
 
@@ -303,6 +308,8 @@ def decode_image(encoded: tf.Tensor, channels: int) -> tf.Tensor:
     BMP and GIF use TensorFlow's decoders, which agree with PIL's up to JPEG's
     IDCT rounding and CMYK conversion.
     """
+    if channels not in (1, 3):
+        raise ValueError(f"Images decode to 1 or 3 channels, not {channels}.")
 
     def png():
         # channels=0: as stored (grey, grey+alpha, RGB, RGBA; palette expanded, its tRNS as
@@ -313,18 +320,23 @@ def decode_image(encoded: tf.Tensor, channels: int) -> tf.Tensor:
         colour = native[..., : shape[2] - tf.cast(has_alpha, tf.int32)]
         colour = tf.broadcast_to(colour, tf.concat([shape[:2], [3]], 0))
         alpha = tf.where(has_alpha, native[..., -1:], 255)
-        rgb = image_io.flatten_alpha(tf.concat([colour, alpha], -1))
-        return tf.cast(image_io.luma(rgb) if channels == 1 else rgb, tf.uint8)
+        return _with_channels(image_io.flatten_alpha(tf.concat([colour, alpha], -1)), channels)
 
     def other():
-        return tf.io.decode_image(
-            encoded, channels=channels, dtype=tf.uint8, expand_animations=False
-        )
+        # Decoded as RGB, then luma for one channel: libjpeg refuses CMYK -> grey.
+        rgb = tf.io.decode_image(encoded, channels=3, dtype=tf.uint8, expand_animations=False)
+        return rgb if channels == 3 else _with_channels(tf.cast(rgb, tf.int32), channels)
 
     is_png = tf.equal(tf.strings.substr(encoded, 0, len(_PNG_SIGNATURE)), _PNG_SIGNATURE)
     image = tf.cond(is_png, png, other)
     image.set_shape([None, None, channels])
     return image
+
+
+def _decode_jpeg_window(encoded: tf.Tensor, window: tf.Tensor, channels: int) -> tf.Tensor:
+    """The [y, x, h, w] window of a JPEG, by `decode_image`'s rules (RGB, then luma)."""
+    rgb = tf.image.decode_and_crop_jpeg(encoded, window, channels=3)
+    return rgb if channels == 3 else _with_channels(tf.cast(rgb, tf.int32), channels)
 
 
 def rescaled_shape(height, width, smallest_side, minimum: int = 1):
@@ -454,9 +466,7 @@ def random_scaled_crop(
     def jpeg():
         shape = tf.image.extract_jpeg_shape(encoded)
         return crop_from_window(
-            lambda y, x, h, w: tf.image.decode_and_crop_jpeg(
-                encoded, tf.stack([y, x, h, w]), channels=aug.channels
-            ),
+            lambda y, x, h, w: _decode_jpeg_window(encoded, tf.stack([y, x, h, w]), aug.channels),
             shape[0],
             shape[1],
         )
