@@ -3,7 +3,7 @@
 Public interface (every function takes the experiment's `config`, fields in
 configs/default.py):
 
-`train_dataset(config, *, start_step=0, process_index=None, process_count=None)`
+`train_dataset(config, *, start_step=0, process_index=None, process_count=None, bad_images=None)`
     Infinite iterator of `{'image': float32 (B, size, size, C), 'label': int32 (B,)}`
     with B = config.batch_size // process_count (the trainer assembles global
     batches with `jax.make_array_from_process_local_data`). Each epoch has
@@ -15,11 +15,14 @@ configs/default.py):
     decoded only inside the crop's window (`tf.image.decode_and_crop_jpeg`).
     Order and augmentation are a pure function of (config.seed, epoch, process,
     position in the epoch): `start_step=k` yields exactly what a fresh run yields
-    from step k on, for the same process_count. Skipped steps are skipped
-    before decoding. A training image that cannot be decoded is dropped and
-    counted (one warning per epoch); the epoch then borrows examples from a
-    second pass so that the number of batches never changes (with corrupt files,
-    exact resume holds only up to that substitution).
+    from step k on, for the same process_count, corrupt files or not. Skipped
+    steps are skipped before decoding. Bad images (config.bad_images): batch b
+    holds the records at positions [bB, (b+1)B) of its epoch; with "skip" (the
+    default) one that cannot be decoded is replaced by the next decodable record
+    of [(b+1)B, (b+2)B) and counted exactly once per epoch, in `bad_images` (a
+    `BadImageCounter`, updated before each batch is yielded) and in one warning
+    at each epoch's end; "fail" raises an error naming the file. Training stops
+    (RuntimeError, one line) only when a batch cannot be filled.
 
 `eval_dataset(config, *, split=None, batch_size=None, mode="center_crop", scale=None, ...)`
     One pass over this process's disjoint share of `split` (default
@@ -32,7 +35,8 @@ configs/default.py):
         one image per batch: image (1, H, W, C), label (1,), mask (1,). Padding
         entries are Q x Q zeros with mask False. Dense evaluation and the 5x5
         multi-crop grid are built from these by the evaluator.
-    A corrupt evaluation image is an error naming the file.
+    A corrupt evaluation image is skipped and counted in `bad_images` (a warning
+    names it), or with config.bad_images="fail" an error naming the file.
 
 `decode_eval_image(encoded, config, scale)` -> float32 (H, W, C): the "full"
     preprocessing for one encoded image (bytes), for tools that score files.
@@ -50,7 +54,13 @@ normalised once, held in memory as float32, and served as batches of a
 per-epoch permutation (a function of seed, epoch and process, so resuming is
 exact). Only for a fixed preprocessing: with scale jittering, random crops,
 flips or colour shift it is a ValueError. Saves the per-epoch decoding, which
-on 2 CPU cores competes with the train step for the same cores.
+on 2 CPU cores competes with the train step for the same cores. Undecodable
+files are left out (or, with bad_images="fail", an error) and counted at each
+epoch's first step; the permutation is read cyclically to fill the epoch.
+
+Pixels: `decode_image` follows `image_io`'s rules (16-bit, palette, alpha on
+white, luma), so PNGs read exactly as `predict` reads them (PIL); JPEGs agree
+up to IDCT rounding. EXIF orientation is applied by `image_io` only.
 """
 
 from __future__ import annotations
