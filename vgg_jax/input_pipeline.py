@@ -35,8 +35,8 @@ configs/default.py):
         one image per batch: image (1, H, W, C), label (1,), mask (1,). Padding
         entries are Q x Q zeros with mask False. Dense evaluation and the 5x5
         multi-crop grid are built from these by the evaluator.
-    A corrupt evaluation image is skipped and counted in `bad_images` (a warning
-    names it), or with config.bad_images="fail" an error naming the file.
+    A corrupt evaluation image is skipped and counted in `bad_images` (with the last
+    batch; a warning names it), or with config.bad_images="fail" an error naming it.
 
 `decode_eval_image(encoded, config, scale)` -> float32 (H, W, C): the "full"
     preprocessing for one encoded image (bytes), for tools that score files.
@@ -816,8 +816,9 @@ def eval_dataset(
 ) -> Iterator[Batch]:
     """One pass over this process's share, padded to full batches with a 'mask'.
 
-    Undecodable images are skipped and counted in `bad_images` (config.bad_images
-    = "skip") or an error naming the first (= "fail").
+    Undecodable images are skipped and counted in `bad_images` when the last
+    batch is yielded (config.bad_images="skip"), or an error naming the first
+    (="fail").
     """
     counter = BadImageCounter() if bad_images is None else bad_images
     policy = bad_image_policy(config)
@@ -886,19 +887,21 @@ def _eval_iterator(ds, records, channels, local_batch) -> Iterator[Batch]:
 
 
 def _skipping_eval_iterator(ds, records, shard, num_batches, counter) -> Iterator[Batch]:
-    """Eval batches; the positions a batch jumps over (or, for the last, leaves) were bad."""
-    seen = 0  # records before this batch's first real one that were used or skipped
+    """Eval batches, the positions they jump over counted as bad with the last batch.
+
+    Names are looked up once, after the whole pass (one more read of the records,
+    and only when a file was bad).
+    """
+    used = []
     try:
         for i, batch in enumerate(ds.as_numpy_iterator()):
-            positions = batch.pop("position")[batch["mask"]]
-            end = int(positions[-1]) + 1 if positions.size else seen
-            end = shard if i == num_batches - 1 else end
-            missing = sorted(set(range(seen, end)) - set(positions.tolist()))
-            seen = end
-            bad = _record_names(records, missing)
-            counter.add(0, bad)
-            if bad:
-                log.warning("Skipped %d undecodable evaluation image(s): %s", len(bad), _shown(bad))
+            used.extend(batch.pop("position")[batch["mask"]].tolist())
+            if i == num_batches - 1:
+                bad = _record_names(records, sorted(set(range(shard)) - set(used)))
+                counter.add(0, bad)
+                if bad:
+                    log.warning("Skipped %d undecodable evaluation image(s): %s", len(bad),
+                                _shown(bad))  # fmt: skip
             yield batch
     except tf.errors.OpError as e:
         raise ValueError(f"Evaluation input failed: {e.message.strip()}") from None
