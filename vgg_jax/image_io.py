@@ -7,6 +7,7 @@ and greyscale images are expanded, transparent pixels are composited on white
 (`ALPHA_BACKGROUND`, how a viewer shows them on a page), and a 1-channel model
 sees ITU-R 601 luma (`luma`, PIL's "L"). `flatten_alpha` and `luma` take
 int32 arrays of numpy or TensorFlow alike, so both decoders share one formula.
+EXIF orientation is applied here only (TensorFlow's decoders ignore it).
 """
 
 from __future__ import annotations
