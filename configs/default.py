@@ -105,4 +105,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Stop when a step's loss exceeds this many times the median of the recent ones
     # (0 = stop on non-finite losses only); see vgg_jax/loop.py.
     c.divergence_factor = 10.0
+    # Undecodable images (input_pipeline): "skip" them, counted per epoch and in total, or
+    # "fail" at the first with its name.
+    c.bad_images = "skip"
     return c

@@ -424,6 +424,11 @@ def test_image_folder_eval_exact_and_corrupt_file_named(photo_root, tmp_path):
     (photo_root / "val" / "coffee" / "zz_broken.jpg").write_bytes(b"\xff\xd8\xff\xe0junk")
     try:
         ip._cached_source.cache_clear()
+        counter = ip.BadImageCounter()
+        batches = list(ip.eval_dataset(c, process_index=0, process_count=1, bad_images=counter))
+        assert sum(int(b["mask"].sum()) for b in batches) == n  # skipped by default, and counted
+        assert counter.total == 1
+        c.bad_images = "fail"
         with pytest.raises(ValueError, match="zz_broken.jpg"):
             list(ip.eval_dataset(c, process_index=0, process_count=1))
     finally:

@@ -73,6 +73,9 @@ RESUMABLE_FIELDS = (
     # The divergence guard's threshold: when to stop, not what a step computes (raising
     # it lets a run that stopped on a harmless spike continue).
     "divergence_factor",
+    # What to do with an undecodable image: skipping or stopping changes nothing a
+    # step computes on decodable data.
+    "bad_images",
     # Where the same data lives (another disk or machine after a preemption).
     "data_dir",
     "manual_dir",

@@ -3,7 +3,7 @@
 Public interface (every function takes the experiment's `config`, fields in
 configs/default.py):
 
-`train_dataset(config, *, start_step=0, process_index=None, process_count=None)`
+`train_dataset(config, *, start_step=0, process_index=None, process_count=None, bad_images=None)`
     Infinite iterator of `{'image': float32 (B, size, size, C), 'label': int32 (B,)}`
     with B = config.batch_size // process_count (the trainer assembles global
     batches with `jax.make_array_from_process_local_data`). Each epoch has
@@ -15,11 +15,14 @@ configs/default.py):
     decoded only inside the crop's window (`tf.image.decode_and_crop_jpeg`).
     Order and augmentation are a pure function of (config.seed, epoch, process,
     position in the epoch): `start_step=k` yields exactly what a fresh run yields
-    from step k on, for the same process_count. Skipped steps are skipped
-    before decoding. A training image that cannot be decoded is dropped and
-    counted (one warning per epoch); the epoch then borrows examples from a
-    second pass so that the number of batches never changes (with corrupt files,
-    exact resume holds only up to that substitution).
+    from step k on, for the same process_count, corrupt files or not. Skipped
+    steps are skipped before decoding. Bad images (config.bad_images): batch b
+    holds the records at positions [bB, (b+1)B) of its epoch; with "skip" (the
+    default) one that cannot be decoded is replaced by the next decodable record
+    of [(b+1)B, (b+2)B) and counted exactly once per epoch, in `bad_images` (a
+    `BadImageCounter`, updated before each batch is yielded) and in one warning
+    at each epoch's end; "fail" raises an error naming the file. Training stops
+    (RuntimeError, one line) only when a batch cannot be filled.
 
 `eval_dataset(config, *, split=None, batch_size=None, mode="center_crop", scale=None, ...)`
     One pass over this process's disjoint share of `split` (default
@@ -32,7 +35,8 @@ configs/default.py):
         one image per batch: image (1, H, W, C), label (1,), mask (1,). Padding
         entries are Q x Q zeros with mask False. Dense evaluation and the 5x5
         multi-crop grid are built from these by the evaluator.
-    A corrupt evaluation image is an error naming the file.
+    A corrupt evaluation image is skipped and counted in `bad_images` (with the last
+    batch; a warning names it), or with config.bad_images="fail" an error naming it.
 
 `decode_eval_image(encoded, config, scale)` -> float32 (H, W, C): the "full"
     preprocessing for one encoded image (bytes), for tools that score files.
@@ -50,7 +54,13 @@ normalised once, held in memory as float32, and served as batches of a
 per-epoch permutation (a function of seed, epoch and process, so resuming is
 exact). Only for a fixed preprocessing: with scale jittering, random crops,
 flips or colour shift it is a ValueError. Saves the per-epoch decoding, which
-on 2 CPU cores competes with the train step for the same cores.
+on 2 CPU cores competes with the train step for the same cores. Undecodable
+files are left out (or, with bad_images="fail", an error) and counted at each
+epoch's first step; the permutation is read cyclically to fill the epoch.
+
+Pixels: `decode_image` follows `image_io`'s rules (16-bit, palette, alpha on
+white, luma), so PNGs read exactly as `predict` reads them (PIL); JPEGs agree
+up to IDCT rounding. EXIF orientation is applied by `image_io` only.
 """
 
 from __future__ import annotations
@@ -64,7 +74,7 @@ from collections.abc import Iterator
 import numpy as np
 import tensorflow as tf
 
-from vgg_jax import data_sources
+from vgg_jax import data_sources, image_io
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +93,74 @@ PCA_EIGVEC = np.array(
 )
 
 Batch = dict[str, np.ndarray]
+BAD_IMAGE_POLICIES = ("skip", "fail")
+
+
+@dataclasses.dataclass
+class BadImageCounter:
+    """Undecodable images skipped by a `train_dataset` or `eval_dataset` iterator.
+
+    Create one, pass it as `bad_images=`; after every `next()` it describes the
+    batch just yielded (this process only; sum over processes for a global count):
+
+      batch        images skipped for that batch: a pure function of (config.seed,
+                   step) and the data, so a resumed run counts what the first run did;
+      names        their file names (tfds ids for tfds datasets);
+      epoch        that batch's epoch (always 0 for evaluation);
+      epoch_count  skipped in that epoch so far; total: skipped in all.
+
+    Every bad file is counted once per epoch it is skipped in (`total` sums
+    epochs). A resumed run starts from the counts it is given, e.g.
+    `BadImageCounter(epoch=e, epoch_count=n, total=t)` from the loop's last
+    metrics; `epoch_count` restarts at 0 when the epoch changes.
+    """
+
+    batch: int = 0
+    epoch: int = 0
+    epoch_count: int = 0
+    total: int = 0
+    names: list[str] = dataclasses.field(default_factory=list)
+
+    def add(self, epoch: int, names: list[str]) -> None:
+        """Records the skipped files of one batch of `epoch`."""
+        if epoch != self.epoch:
+            self.epoch, self.epoch_count = epoch, 0
+        self.batch, self.names = len(names), list(names)
+        self.epoch_count += len(names)
+        self.total += len(names)
+
+
+def bad_image_policy(config) -> str:
+    """config.bad_images: "skip" (default: skip and count) or "fail" (stop at the first)."""
+    policy = config.get("bad_images", "skip")
+    if policy not in BAD_IMAGE_POLICIES:
+        raise ValueError(f"config.bad_images must be one of {BAD_IMAGE_POLICIES}, got {policy!r}.")
+    return policy
+
+
+def _check_bad(config, names: list[str], what: str) -> None:
+    """With config.bad_images="fail", an error naming the first undecodable file."""
+    if names and bad_image_policy(config) == "fail":
+        raise ValueError(
+            f"{what} image {names[0]!r} cannot be decoded; repair or remove it, or set "
+            "config.bad_images='skip' to skip and count such files."
+        )
+
+
+def _shown(names: list[str], most: int = 5) -> str:
+    """The first few names, for a log line."""
+    return ", ".join(names[:most]) + (" ..." if len(names) > most else "")
+
+
+def _log_epoch(epoch: int, pi: int, counter: BadImageCounter) -> None:
+    log.warning(
+        "Epoch %d, process %d: skipped %d training image(s) that could not be decoded "
+        "(%d in all so far).",
+        epoch,
+        pi,
+        counter.epoch_count,
+        counter.total,
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -223,11 +301,52 @@ class Augment:
         )
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _with_channels(rgb: tf.Tensor, channels: int) -> tf.Tensor:
+    """int32 RGB -> uint8 RGB, or its luma (`image_io.luma`) for one channel."""
+    return tf.cast(image_io.luma(rgb) if channels == 1 else rgb, tf.uint8)
+
+
 def decode_image(encoded: tf.Tensor, channels: int) -> tf.Tensor:
-    """Any JPEG/PNG/BMP/GIF -> uint8 (H, W, channels); grey, CMYK and alpha are converted."""
-    image = tf.io.decode_image(encoded, channels=channels, dtype=tf.uint8, expand_animations=False)
+    """Any JPEG/PNG/BMP/GIF -> uint8 (H, W, channels) by `image_io`'s pixel rules.
+
+    PNGs (16-bit, palette, grey, alpha) give exactly `image_io.open_image`'s
+    pixels: decoded as 8-bit RGBA (libpng keeps a 16-bit sample's high byte),
+    alpha composited on white, luma for one channel. JPEG (grey and CMYK too),
+    BMP and GIF use TensorFlow's decoders, which agree with PIL's up to JPEG's
+    IDCT rounding and CMYK conversion.
+    """
+    if channels not in (1, 3):
+        raise ValueError(f"Images decode to 1 or 3 channels, not {channels}.")
+
+    def png():
+        # channels=0: as stored (grey, grey+alpha, RGB, RGBA; palette expanded, its tRNS as
+        # alpha). decode_png(channels=4) would fill a wrong alpha into low-bit-depth files.
+        native = tf.cast(tf.io.decode_png(encoded, channels=0), tf.int32)
+        shape = tf.shape(native)
+        has_alpha = shape[2] % 2 == 0
+        colour = native[..., : shape[2] - tf.cast(has_alpha, tf.int32)]
+        colour = tf.broadcast_to(colour, tf.concat([shape[:2], [3]], 0))
+        alpha = tf.where(has_alpha, native[..., -1:], 255)
+        return _with_channels(image_io.flatten_alpha(tf.concat([colour, alpha], -1)), channels)
+
+    def other():
+        # Decoded as RGB, then luma for one channel: libjpeg refuses CMYK -> grey.
+        rgb = tf.io.decode_image(encoded, channels=3, dtype=tf.uint8, expand_animations=False)
+        return rgb if channels == 3 else _with_channels(tf.cast(rgb, tf.int32), channels)
+
+    is_png = tf.equal(tf.strings.substr(encoded, 0, len(_PNG_SIGNATURE)), _PNG_SIGNATURE)
+    image = tf.cond(is_png, png, other)
     image.set_shape([None, None, channels])
     return image
+
+
+def _decode_jpeg_window(encoded: tf.Tensor, window: tf.Tensor, channels: int) -> tf.Tensor:
+    """The [y, x, h, w] window of a JPEG, by `decode_image`'s rules (RGB, then luma)."""
+    rgb = tf.image.decode_and_crop_jpeg(encoded, window, channels=3)
+    return rgb if channels == 3 else _with_channels(tf.cast(rgb, tf.int32), channels)
 
 
 def rescaled_shape(height, width, smallest_side, minimum: int = 1):
@@ -357,9 +476,7 @@ def random_scaled_crop(
     def jpeg():
         shape = tf.image.extract_jpeg_shape(encoded)
         return crop_from_window(
-            lambda y, x, h, w: tf.image.decode_and_crop_jpeg(
-                encoded, tf.stack([y, x, h, w]), channels=aug.channels
-            ),
+            lambda y, x, h, w: _decode_jpeg_window(encoded, tf.stack([y, x, h, w]), aug.channels),
             shape[0],
             shape[1],
         )
@@ -436,18 +553,57 @@ def _example_seed(seed: int, epoch: int, process_index: int, position: tf.Tensor
     return tf.random.experimental.stateless_fold_in(base, position)
 
 
+# Seed offset for a record borrowed into the batch before its own: its augmentation then
+# differs from the one it gets in its own batch.
+_BORROWED = 1 << 40
+
+
+def _chunk_pairs(records: tf.data.Dataset, skip: int, local_batch: int) -> tf.data.Dataset:
+    """(chunk b, chunk b + 1) of the epoch's encoded records, chunk b = positions [bB, (b+1)B).
+
+    A second pass of the records follows the first, so the last batch has a successor.
+    Records are only read here (never decoded), so skipped steps cost no decoding.
+    """
+    flat = records.repeat(2).enumerate().skip(skip * local_batch)
+    chunks = flat.map(lambda p, ex: {**ex, "position": p}).batch(local_batch, drop_remainder=True)
+    empty = tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), chunks.element_spec)
+    pairs = chunks.scan(empty, lambda prev, cur: (cur, (prev, cur)))
+    return pairs.skip(1)
+
+
 def _train_epoch(config, source, aug, epoch, skip, steps, pi, pc, local_batch) -> tf.data.Dataset:
-    """This process's batches of one epoch, starting `skip` batches in."""
+    """This process's batches of one epoch, starting `skip` batches in.
+
+    Batch b holds the records at positions [bB, (b+1)B) of the epoch's order, B =
+    local_batch. A record that cannot be decoded is replaced by the next decodable
+    record of positions [(b+1)B, (b+2)B), decoded with another augmentation seed,
+    so each batch is a function of (seed, epoch, b) and the data alone: resuming
+    at any step is exact with corrupt files too. Each element also carries the
+    positions it used ('position') and the names of all its candidates ('names')
+    for counting; a batch with fewer than B rows could not be filled.
+    """
     shuffle_seed = _epoch_seed(config.seed, epoch, pi)
     records = source.records(config.train_split, pi, pc, shuffle_seed, config.shuffle_buffer)
-    # A second pass stands in for any records dropped as undecodable.
-    ds = records.repeat(2).enumerate().skip(skip * local_batch)
     num_classes = config.num_classes
 
-    def preprocess(position, ex):
+    def preprocess(ex):
+        own = ex["position"] < ex["limit"]
+        position = tf.where(own, ex["position"], ex["position"] + _BORROWED)
         seed = _example_seed(config.seed, epoch, pi, position)
         image = train_preprocess(ex["image"], seed, aug, config)
-        return {"image": image, "label": ex["label"], "position": position}
+        return {"image": image, "label": ex["label"], "position": ex["position"]}
+
+    def fill(prev, cur):
+        candidates = tf.nest.map_structure(lambda a, b: tf.concat([a, b], 0), prev, cur)
+        limit = prev["position"][0] + local_batch
+        rows = tf.data.Dataset.from_tensor_slices(candidates)
+        # Sequential map: a borrowed record is decoded only when an own one failed.
+        rows = rows.map(lambda ex: preprocess({**ex, "limit": limit})).ignore_errors()
+        batch = rows.take(local_batch).batch(local_batch)
+        spec = batch.element_spec
+        empty = tf.nest.map_structure(lambda s: tf.zeros([0, *s.shape[1:]], s.dtype), spec)
+        batch = batch.concatenate(tf.data.Dataset.from_tensors(empty)).take(1)
+        return batch.map(lambda b: {**b, "names": candidates["name"]})
 
     def check_label(ex):
         label = tf.cast(ex["label"], tf.int32)
@@ -457,10 +613,28 @@ def _train_epoch(config, source, aug, epoch, skip, steps, pi, pc, local_batch) -
         tf.debugging.assert_non_negative(label, message="negative label")
         return {**ex, "label": label}
 
-    ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.ignore_errors().map(check_label)
-    ds = ds.batch(local_batch, drop_remainder=True).take(steps - skip)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    pairs = _chunk_pairs(records, skip, local_batch).take(steps - skip)
+    ds = pairs.interleave(
+        fill, cycle_length=tf.data.AUTOTUNE, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+    )
+    return ds.map(check_label).prefetch(tf.data.AUTOTUNE)
+
+
+def _bad_names(batch: Batch, b: int, local_batch: int, steps: int, shard: int) -> list[str]:
+    """Names of the undecodable records a batch skipped, each counted by exactly one batch.
+
+    Batch b counts its own positions [bB, (b+1)B) that it did not use; the last batch
+    also counts the records of the epoch's tail [steps*B, shard) that it tried. Records
+    of the next batch that failed as substitutes are left for that batch to count.
+    """
+    used = set(batch["position"].tolist())
+    first = b * local_batch
+    tried_end = max(used) + 1 if len(used) == local_batch else first + 2 * local_batch
+    own_end = first + local_batch
+    if b == steps - 1:
+        own_end = max(own_end, min(tried_end, shard))
+    names = batch["names"]
+    return [names[p - first].decode() for p in range(first, own_end) if p not in used]
 
 
 def train_dataset(
@@ -469,8 +643,14 @@ def train_dataset(
     start_step: int = 0,
     process_index: int | None = None,
     process_count: int | None = None,
+    bad_images: BadImageCounter | None = None,
 ) -> Iterator[Batch]:
-    """Infinite iterator over this process's share of each global training batch."""
+    """Infinite iterator over this process's share of each global training batch.
+
+    `bad_images` (optional) is updated before each batch is yielded.
+    """
+    counter = BadImageCounter() if bad_images is None else bad_images
+    bad_image_policy(config)
     pi, pc = _processes(process_index, process_count)
     local_batch = _local_batch(config.batch_size, pc, "batch_size")
     source = get_source(config)
@@ -481,35 +661,32 @@ def train_dataset(
     if start_step < 0:
         raise ValueError(f"start_step must be >= 0, got {start_step}.")
     if config.cache:
-        images, labels = _in_memory(config, source, aug, pi, pc)
-        return _memory_iterator(config.seed, images, labels, start_step, steps, pi, local_batch)
-    return _train_iterator(config, source, aug, start_step, steps, pi, pc, local_batch)
+        images, labels, bad = _in_memory(config, source, aug, pi, pc)
+        return _memory_iterator(
+            config.seed, images, labels, start_step, steps, pi, local_batch, bad, counter
+        )
+    return _train_iterator(config, source, aug, start_step, steps, pi, pc, local_batch, counter)
 
 
-def _train_iterator(config, source, aug, start_step, steps, pi, pc, local_batch):
+def _train_iterator(config, source, aug, start_step, steps, pi, pc, local_batch, counter):
     epoch, skip = divmod(start_step, steps)
+    shard = source.shard_sizes(config.train_split, pc)[pi]
     while True:
         ds = _train_epoch(config, source, aug, epoch, skip, steps, pi, pc, local_batch)
-        seen, last = 0, skip * local_batch - 1
-        for batch in ds.as_numpy_iterator():
-            positions = batch.pop("position")
-            seen += positions.size
-            last = int(positions[-1])
-            yield batch
-        if seen < (steps - skip) * local_batch:
-            raise RuntimeError(
-                f"Epoch {epoch}, process {pi}: only {seen} decodable training images for "
-                f"{steps - skip} batches of {local_batch}; too many files are corrupt or "
-                "unreadable (check the data in config.data_dir)."
-            )
-        dropped = (last + 1 - skip * local_batch) - seen
-        if dropped:
-            log.warning(
-                "Epoch %d, process %d: skipped %d training image(s) that could not be decoded.",
-                epoch,
-                pi,
-                dropped,
-            )
+        for b, batch in enumerate(ds.as_numpy_iterator(), start=skip):
+            bad = _bad_names(batch, b, local_batch, steps, shard)
+            _check_bad(config, bad, "Training")
+            if len(batch["label"]) < local_batch:
+                raise RuntimeError(
+                    f"Epoch {epoch}, step {epoch * steps + b}, process {pi}: only "
+                    f"{len(batch['label'])} of {2 * local_batch} training images around this "
+                    f"batch decode, fewer than its {local_batch}; too many files are corrupt or "
+                    "unreadable (check the data in config.data_dir)."
+                )
+            counter.add(epoch, bad)
+            if b == steps - 1 and counter.epoch_count:
+                _log_epoch(epoch, pi, counter)
+            yield {"image": batch["image"], "label": batch["label"]}
         epoch, skip = epoch + 1, 0
 
 
@@ -536,8 +713,11 @@ def _check_cacheable(aug: Augment) -> None:
         )
 
 
-def _in_memory(config, source, aug: Augment, pi: int, pc: int) -> tuple[np.ndarray, np.ndarray]:
-    """This process's training share, rescaled to S = image_size, centre-cropped, normalised."""
+def _in_memory(config, source, aug: Augment, pi: int, pc: int):
+    """This process's training share, rescaled to S = image_size, centre-cropped, normalised.
+
+    Returns (images, labels, names of the files that could not be decoded).
+    """
     _check_cacheable(aug)
     key = (
         config.dataset, config.data_dir, config.get("manual_dir", ""), tuple(config.classes),
@@ -548,15 +728,18 @@ def _in_memory(config, source, aug: Augment, pi: int, pc: int) -> tuple[np.ndarr
         _MEMORY.clear()  # one training set at a time
         records = source.records(config.train_split, pi, pc, None, 0)
 
-        def preprocess(ex):
+        def preprocess(position, ex):
             image = eval_preprocess(ex["image"], aug.channels, aug.size, aug.size, aug.method)
-            return normalize(image, config), tf.cast(ex["label"], tf.int32)
+            return normalize(image, config), tf.cast(ex["label"], tf.int32), position
 
-        ds = records.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        images, labels = [], []
-        for image, label in ds.ignore_errors().batch(1024).as_numpy_iterator():
+        ds = records.enumerate().map(
+            preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+        )
+        images, labels, kept = [], [], []
+        for image, label, position in ds.ignore_errors().batch(1024).as_numpy_iterator():
             images.append(image)
             labels.append(label)
+            kept.append(position)
         empty = (np.zeros((0, aug.size, aug.size, aug.channels), np.float32), np.zeros(0, np.int32))
         images_np = np.concatenate(images) if images else empty[0]
         labels_np = np.concatenate(labels) if labels else empty[1]
@@ -565,29 +748,53 @@ def _in_memory(config, source, aug: Augment, pi: int, pc: int) -> tuple[np.ndarr
                 f"Training labels span {labels_np.min()}..{labels_np.max()}: set "
                 "config.num_classes > the largest label."
             )
-        dropped = source.shard_sizes(config.train_split, pc)[pi] - len(labels_np)
-        if dropped > 0:
+        shard = source.shard_sizes(config.train_split, pc)[pi]
+        found = set(np.concatenate(kept).tolist()) if kept else set()
+        bad = _record_names(records, sorted(set(range(shard)) - found))
+        _check_bad(config, bad, "Training")
+        if bad:
             log.warning(
-                "Process %d: skipped %d training image(s) that could not be decoded.", pi, dropped
-            )
-        _MEMORY[key] = (images_np, labels_np)  # float32 already: normalize() returns it
+                "Process %d: skipped %d training image(s) that could not be decoded (in "
+                "every epoch): %s", pi, len(bad), _shown(bad),
+            )  # fmt: skip
+        _MEMORY[key] = (images_np, labels_np, bad)  # float32 already: normalize() returns it
         log.info("Cached %d training images (%.0f MiB).", len(labels_np), images_np.nbytes / 2**20)
     return _MEMORY[key]
 
 
-def _memory_iterator(seed, images, labels, start_step, steps, pi, local_batch) -> Iterator[Batch]:
-    """Batches of a per-epoch permutation that depends only on (seed, epoch, process)."""
-    need = steps * local_batch
-    if len(labels) < need:
+def _record_names(records: tf.data.Dataset, positions: list[int]) -> list[str]:
+    """The names of the records at `positions` (sorted); reads the records only if any."""
+    if not positions:
+        return []
+    wanted, names = set(positions), []
+    for position, name in records.map(lambda ex: ex["name"]).enumerate().as_numpy_iterator():
+        if position in wanted:
+            names.append(name.decode())
+    return names
+
+
+def _memory_iterator(
+    seed, images, labels, start_step, steps, pi, local_batch, bad, counter
+) -> Iterator[Batch]:
+    """Batches of a per-epoch permutation that depends only on (seed, epoch, process).
+
+    With undecodable files there are fewer images than steps * local_batch: the
+    permutation is then read cyclically (its first images serve twice). The
+    skipped files are counted at each epoch's first step.
+    """
+    if len(labels) < local_batch:
         raise RuntimeError(
-            f"Process {pi}: only {len(labels)} decodable training images in memory for "
-            f"{steps} batches of {local_batch}; too many files are corrupt or unreadable."
+            f"Process {pi}: only {len(labels)} decodable training images in memory, fewer than "
+            f"one batch of {local_batch}; too many files are corrupt or unreadable."
         )
     epoch, skip = divmod(start_step, steps)
     while True:
         order = np.random.default_rng(_epoch_seed(seed, epoch, pi)).permutation(len(labels))
         for b in range(skip, steps):
-            rows = order[b * local_batch : (b + 1) * local_batch]
+            rows = order[np.arange(b * local_batch, (b + 1) * local_batch) % len(labels)]
+            counter.add(epoch, bad if b == 0 else [])
+            if b == steps - 1 and counter.epoch_count:
+                _log_epoch(epoch, pi, counter)
             yield {"image": images[rows], "label": labels[rows]}
         epoch, skip = epoch + 1, 0
 
@@ -605,8 +812,16 @@ def eval_dataset(
     scale: int | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
+    bad_images: BadImageCounter | None = None,
 ) -> Iterator[Batch]:
-    """One pass over this process's share, padded to full batches with a 'mask'."""
+    """One pass over this process's share, padded to full batches with a 'mask'.
+
+    Undecodable images are skipped and counted in `bad_images` when the last
+    batch is yielded (config.bad_images="skip"), or an error naming the first
+    (="fail").
+    """
+    counter = BadImageCounter() if bad_images is None else bad_images
+    policy = bad_image_policy(config)
     if mode not in ("center_crop", "full"):
         raise ValueError(f"eval mode must be 'center_crop' or 'full', got {mode!r}.")
     pi, pc = _processes(process_index, process_count)
@@ -627,36 +842,69 @@ def eval_dataset(
     records = source.records(split, pi, pc, None, 0)
     channels, num_classes = source.channels, config.num_classes
 
-    def preprocess(ex):
+    def preprocess(position, ex):
+        image = normalize(
+            eval_preprocess(ex["image"], channels, scale, crop, config.resize_method), config
+        )
+        real = tf.constant(True)
+        return {"image": image, "label": ex["label"], "mask": real, "position": position}
+
+    def check_label(ex):
         label = tf.cast(ex["label"], tf.int32)
         tf.debugging.assert_less(
             label, num_classes, message="label out of range: set config.num_classes > label"
         )
-        image = normalize(
-            eval_preprocess(ex["image"], channels, scale, crop, config.resize_method), config
-        )
-        return {"image": image, "label": label, "mask": tf.constant(True)}
+        return {**ex, "label": label}
 
     pad_side = crop or scale
     pad = {
         "image": tf.zeros([pad_side, pad_side, channels], tf.float32),
         "label": tf.constant(0, tf.int32),
         "mask": tf.constant(False),
+        "position": tf.constant(-1, tf.int64),
     }
-    ds = records.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat())
+    ds = records.enumerate().map(
+        preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+    )
+    if policy == "skip":
+        ds = ds.ignore_errors()
+    ds = ds.map(check_label).concatenate(tf.data.Dataset.from_tensors(pad).repeat())
     ds = ds.take(num_batches * local_batch).batch(local_batch).prefetch(tf.data.AUTOTUNE)
-    return _eval_iterator(ds, records, channels, local_batch)
+    if policy == "fail":
+        return _eval_iterator(ds, records, channels, local_batch)
+    return _skipping_eval_iterator(ds, records, sizes[pi], num_batches, counter)
 
 
 def _eval_iterator(ds, records, channels, local_batch) -> Iterator[Batch]:
     yielded = 0
     try:
         for batch in ds.as_numpy_iterator():
+            batch.pop("position")
             yield batch
             yielded += 1
     except tf.errors.OpError as e:
         _raise_bad_file(records, yielded * local_batch, channels, e)
+
+
+def _skipping_eval_iterator(ds, records, shard, num_batches, counter) -> Iterator[Batch]:
+    """Eval batches, the positions they jump over counted as bad with the last batch.
+
+    Names are looked up once, after the whole pass (one more read of the records,
+    and only when a file was bad).
+    """
+    used = []
+    try:
+        for i, batch in enumerate(ds.as_numpy_iterator()):
+            used.extend(batch.pop("position")[batch["mask"]].tolist())
+            if i == num_batches - 1:
+                bad = _record_names(records, sorted(set(range(shard)) - set(used)))
+                counter.add(0, bad)
+                if bad:
+                    log.warning("Skipped %d undecodable evaluation image(s): %s", len(bad),
+                                _shown(bad))  # fmt: skip
+            yield batch
+    except tf.errors.OpError as e:
+        raise ValueError(f"Evaluation input failed: {e.message.strip()}") from None
 
 
 def _raise_bad_file(records, start: int, channels: int, error: Exception):
