@@ -1,18 +1,27 @@
 # The two commands a new user needs: `make demo` (the offline Fashion-MNIST
-# experiment) and `make test`. Both create .venv on first use.
+# experiment) and `make test`. Both create .venv on first use: the demo installs
+# vgg_jax alone, the tests add the `dev` and `torch` extras (pyproject.toml).
+# Another stack: make test VENV=.venv312 PYTHON=python3.12 TEST_EXTRAS=dev
 VENV ?= .venv
+PYTHON ?= python3
+TEST_EXTRAS ?= dev,torch
+CONSTRAINTS ?=
 PY := $(VENV)/bin/python
+SETUP = VENV=$(VENV) PYTHON=$(PYTHON) CONSTRAINTS=$(CONSTRAINTS) bash scripts/setup.sh
 WORKDIR ?= runs/fashion_mnist_quick
 # Test workers: two keep both cores of the project's 2-core machines busy while
 # one test compiles (single-threaded) and the other computes; about 1.3x faster.
 TEST_WORKERS ?= 2
 
-.PHONY: setup demo test lint models
+.PHONY: setup setup-demo demo test lint models
 
 setup:
-	@VENV=$(VENV) bash scripts/setup.sh
+	@EXTRAS=$(TEST_EXTRAS) $(SETUP)
 
-demo: setup
+setup-demo:
+	@EXTRAS= $(SETUP)
+
+demo: setup-demo
 	$(PY) -m vgg_jax.train --config configs/fashion_mnist.py:quick --workdir $(WORKDIR)
 	$(PY) -m vgg_jax.evaluate --workdir $(WORKDIR)
 
@@ -22,5 +31,5 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 
-models: setup
+models: setup-demo
 	$(PY) -m vgg_jax.models

@@ -1,5 +1,6 @@
 """Test-wide settings: several CPU devices for sharding tests, quiet TensorFlow."""
 
+import importlib.util
 import os
 
 # Must be set before jax is imported anywhere: eight CPU devices let the
@@ -9,3 +10,10 @@ if _flag not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# PyPI's CUDA build of torch (what the `torch` extra gets on Python >= 3.12)
+# brings triton, and importing triton after TensorFlow segfaults there, while
+# the other order works (DESIGN.md). torch's optimizers import triton lazily,
+# in whichever test worker already imported TensorFlow, so import it first.
+if importlib.util.find_spec("triton") is not None:
+    import triton  # noqa: F401

@@ -12,15 +12,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the benchmarks package lives beside vgg_jax
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import eval_throughput, seed_pytorch, torch_peer, train_throughput  # noqa: E402
-from vgg_jax import backend as vgg_backend  # noqa: E402
+from benchmarks import eval_throughput, train_throughput  # noqa: E402
 from vgg_jax import models  # noqa: E402
+
+try:  # the PyTorch peer is the `torch` extra: `make test` installs it, the demo does not
+    import torch
+
+    from benchmarks import seed_pytorch, torch_peer
+except ImportError:
+    torch = None
+needs_torch = pytest.mark.skipif(
+    torch is None, reason="PyTorch is not installed here (the `torch` extra: pip install .[torch])"
+)
+# Without PyTorch the throughput benchmarks still run their JAX half.
+PEER = "default" if torch is not None else "none"
 
 TINY = ["--models", "A", "--width-divisor", "16", "--fc-width", "32", "--num-classes", "10"]
 TINY += ["--channels", "1", "--image-size", "32", "--steps", "1", "--repeats", "2"]
@@ -32,16 +42,21 @@ def read_lines(path: Path) -> list[dict]:
 
 def test_train_throughput_tiny(tmp_path, capsys):
     out = tmp_path / "train.jsonl"
-    argv = TINY + ["--batch", "4", "--warmup", "1", "--formulation", "lax,fast"]
+    peer = "auto" if torch is not None else "none"
+    argv = TINY + ["--batch", "4", "--warmup", "1", "--formulation", "lax,fast", "--torch", peer]
     records = train_throughput.main(argv + ["--json-out", str(out), "--peak-flops", "1e12"])
     impls = [r["impl"] for r in records]
-    assert impls == ["vgg_jax[lax]", "vgg_jax[fast]", "torch[default]", "torch[channels_last]"]
+    peers = ["torch[default]", "torch[channels_last]"] if torch is not None else []
+    assert impls == ["vgg_jax[lax]", "vgg_jax[fast]"] + peers
     assert read_lines(out) == json.loads(json.dumps(records))
     for r in records:
         assert r["images_per_s"] > 0 and len(r["step_s_all"]) == 2
         assert r["images_per_s_best"] >= r["images_per_s"]
     torch_ratios = [r["vs_torch_best"] for r in records if r["impl"].startswith("torch")]
-    assert max(torch_ratios) == pytest.approx(1.0)
+    if torch is not None:
+        assert max(torch_ratios) == pytest.approx(1.0)
+    else:
+        assert all(r["vs_torch_best"] is None for r in records)
     cost = models.model_cost("A", 10, 32, 1, 16, 32)
     jax_rec = records[0]
     assert jax_rec["mfu"] == pytest.approx(jax_rec["images_per_s"] * 6 * cost.mult_adds / 1e12)
@@ -51,19 +66,19 @@ def test_train_throughput_tiny(tmp_path, capsys):
 
 def test_eval_throughput_tiny(tmp_path, capsys):
     out = tmp_path / "eval.jsonl"
-    argv = TINY + ["--batch", "2", "--scales", "32,48", "--warmup", "1", "--torch", "default"]
+    argv = TINY + ["--batch", "2", "--scales", "32,48", "--warmup", "1", "--torch", PEER]
     records = eval_throughput.main(argv + ["--json-out", str(out)])
     modes = [(r["mode"], r["input_size"], r["impl"]) for r in records]
+    impls = ("vgg_jax[auto]", "torch[default]") if torch is not None else ("vgg_jax[auto]",)
     assert modes == [
-        (m, s, i)
-        for m, s in (("crop", 32), ("dense", 32), ("dense", 48))
-        for i in ("vgg_jax[auto]", "torch[default]")
+        (m, s, i) for m, s in (("crop", 32), ("dense", 32), ("dense", 48)) for i in impls
     ]
-    assert len(read_lines(out)) == 6
+    assert len(read_lines(out)) == len(modes)
     printed = capsys.readouterr().out
     assert "150-crop s/img" in printed and "vgg_jax[auto]" in printed
 
 
+@needs_torch
 def test_torch_peer_is_the_same_network():
     kwargs = dict(width_divisor=16, fc_width=32, image_size=64)
     net = torch_peer.TorchVGG("D", 10, in_channels=3, **kwargs)
@@ -91,6 +106,7 @@ def write_idx(path: Path, array: np.ndarray, magic: int) -> None:
         f.write(header + array.astype(np.uint8).tobytes())
 
 
+@needs_torch
 def test_seed_pytorch_tiny(tmp_path, capsys):
     rng = np.random.default_rng(0)
     for prefix, n in (("train", 40), ("t10k", 20)):
@@ -106,6 +122,7 @@ def test_seed_pytorch_tiny(tmp_path, capsys):
     assert result["images_per_s"] * result["train_seconds"] == pytest.approx(48)
 
 
+@needs_torch
 def test_seed_pytorch_data_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
         seed_pytorch.load_split(tmp_path, "train")
@@ -114,6 +131,7 @@ def test_seed_pytorch_data_errors(tmp_path):
         seed_pytorch.read_idx(tmp_path / "bad.gz", "images")
 
 
+@needs_torch
 def test_seed_input_matches_pil_style_resize():
     images = torch.arange(28 * 28, dtype=torch.int64).remainder(256).to(torch.uint8).view(1, 28, 28)
     x = seed_pytorch.to_input(images, 56)
@@ -137,8 +155,8 @@ def test_flag_ab_tiny(monkeypatch):
     monkeypatch.chdir(ROOT)  # the workers run `python -m benchmarks.flag_ab`
     argv = ["--image-size", "32", "--steps", "1", "--repeats", "2"]
     result = flag_ab.main(argv + ["--width-divisor", "16", "--fc-width", "32", "--batch", "4"])
-    known = vgg_backend._jaxlib_version() in vgg_backend.KNOWN_JAXLIB
-    assert result["flag_active"] == {"flag": known, "no_flag": False}
+    # The "flag" worker forces the flag (VGG_JAX_CPU_FLAGS=1) on every jaxlib version.
+    assert result["flag_active"] == {"flag": True, "no_flag": False}
     assert set(result["images_per_s"]) == {"flag", "no_flag"}
     assert result["flag_speedup"] == pytest.approx(
         result["images_per_s"]["flag"] / result["images_per_s"]["no_flag"]

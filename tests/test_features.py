@@ -94,7 +94,10 @@ def test_perceptual_loss():
     y = x[:, ::-1]  # same content, moved
     assert default_perceptual_layers(bundle.model) == ("relu1_2", "relu2_2", "relu3_3", "relu4_3")
     assert default_perceptual_layers(tiny("vgg13").model)[2] == "relu3_2"
+    # Exactly 0 is guaranteed (features.perceptual_loss): for the same array,
+    # and for equal values in another array, which runs the same program alone.
     assert float(perceptual_loss(bundle, None, x, x)) == 0.0
+    assert float(perceptual_loss(bundle, None, x, jnp.array(x, copy=True))) == 0.0
     loss = perceptual_loss(bundle, None, x, y)
     assert float(loss) > 0
     layers = ("relu1_2", "relu3_3")

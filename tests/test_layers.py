@@ -123,7 +123,7 @@ def test_dispatch_by_formulation_and_map_size():
 
 def test_formulation_selection():
     assert jax.default_backend() == "cpu"
-    assert layers.resolve_formulation("auto") == "fast"  # CPU gets the fast layers
+    assert layers.resolve_formulation("auto") == backend.cpu_choice().formulation
     with layers.use_formulation("lax"):
         assert layers.resolve_formulation() == "lax"
     assert layers.resolve_formulation() == layers.resolve_formulation(layers._formulation)
@@ -145,27 +145,65 @@ def test_whole_model_same_under_both_formulations():
         np.testing.assert_allclose(a, b, **TOL)
 
 
-def test_cpu_flag_is_appended_not_overwriting():
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    if backend.cpu_flags_wanted(dict(env)):
-        assert backend.configure_xla_flags(env)
-        assert env["XLA_FLAGS"].split() == [
-            "--xla_force_host_platform_device_count=8",
-            backend.YNN_FLAG,
-        ]
-        assert not backend.configure_xla_flags(env)  # never twice
+@pytest.fixture
+def measured_with_flag(monkeypatch):
+    """Pretend the installed jaxlib is one whose table row adds the flag (on every version)."""
+    monkeypatch.setattr(backend, "jaxlib_version", lambda: (0, 10))
+    backend.cpu_choice.cache_clear()
+    yield
+    backend.cpu_choice.cache_clear()
+
+
+def test_cpu_flag_is_appended_not_overwriting(measured_with_flag):
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    assert backend.configure_xla_flags(env)
+    assert env["XLA_FLAGS"].split() == [
+        "--xla_force_host_platform_device_count=8",
+        backend.YNN_FLAG,
+    ]
+    assert not backend.configure_xla_flags(env)  # never twice
     mine = {"XLA_FLAGS": f"--{backend.YNN_FLAG_NAME}=default"}
     assert not backend.configure_xla_flags(mine)  # the user's own choice wins
     assert not backend.cpu_flags_wanted({"VGG_JAX_CPU_FLAGS": "0"})
     assert not backend.cpu_flags_wanted({"JAX_PLATFORMS": "cuda"})
 
 
+def test_cpu_choice_per_jaxlib_version(caplog):
+    # Every measured row names a real formulation; 0.10 and 0.12 are measured.
+    assert {(0, 10), (0, 12)} <= set(backend.CPU_CHOICES)
+    for choice in backend.CPU_CHOICES.values():
+        assert choice.measured and choice.formulation in ("lax", "fast")
+    # An unmeasured version gets no flag (it might not exist there) and says so.
+    with caplog.at_level("DEBUG", logger="vgg_jax.backend"):
+        unknown = backend.cpu_choice((0, 99))
+    assert not unknown.ynn_flag and not unknown.measured
+    assert unknown.formulation == backend.CPU_CHOICES[max(backend.CPU_CHOICES)].formulation
+    assert "no measured CPU choice" in caplog.text and "(0, 99)" in caplog.text
+
+
+def test_cpu_flag_follows_the_table_and_can_be_forced(monkeypatch):
+    monkeypatch.setattr(backend, "jaxlib_version", lambda: (0, 99))
+    backend.cpu_choice.cache_clear()
+    try:
+        assert not backend.cpu_flags_wanted({"JAX_PLATFORMS": "cpu"})  # unmeasured: left out
+        assert backend.cpu_flags_wanted({"JAX_PLATFORMS": "cpu", "VGG_JAX_CPU_FLAGS": "1"})
+    finally:
+        backend.cpu_choice.cache_clear()
+
+
+def test_auto_formulation_follows_the_table(monkeypatch):
+    monkeypatch.setattr(backend, "cpu_choice", lambda: backend.CpuChoice(False, "lax"))
+    assert layers.resolve_formulation("auto") == "lax"
+    monkeypatch.setattr(backend, "cpu_choice", lambda: backend.CpuChoice(True, "fast"))
+    assert layers.resolve_formulation("auto") == "fast"
+
+
 def test_this_session_has_both_flags():
-    # conftest sets the device count; importing vgg_jax appended the CPU flag.
+    # conftest sets the device count; importing vgg_jax appended the CPU flag
+    # exactly when this jaxlib's table row says so.
     flags = os.environ["XLA_FLAGS"]
     assert "--xla_force_host_platform_device_count=8" in flags
-    if backend._jaxlib_version() in backend.KNOWN_JAXLIB:
-        assert backend.cpu_flag_active()
+    assert backend.cpu_flag_active() == backend.cpu_choice().ynn_flag
 
 
 def test_bfloat16_keeps_dtype_and_matches():
@@ -193,11 +231,10 @@ def test_bfloat16_keeps_dtype_and_matches():
     )
 
 
-def test_cpu_flag_skipped_when_an_accelerator_is_the_default(monkeypatch):
+def test_cpu_flag_skipped_when_an_accelerator_is_the_default(monkeypatch, measured_with_flag):
     monkeypatch.setattr(backend, "accelerator_plugin_installed", lambda: True)
     assert not backend.cpu_flags_wanted({})
-    known = backend._jaxlib_version() in backend.KNOWN_JAXLIB
-    assert backend.cpu_flags_wanted({"JAX_PLATFORMS": "cpu"}) == known
+    assert backend.cpu_flags_wanted({"JAX_PLATFORMS": "cpu"})
 
 
 FAULTS_SCRIPT = """

@@ -59,6 +59,8 @@ def test_quick_variant_trains_on_real_fashion_mnist(tmp_path):
 def test_seed_compare_runs_both_implementations(tmp_path, capsys):
     import sys
 
+    pytest.importorskip("torch", reason="the seed's PyTorch script needs the `torch` extra")
+
     root = os.path.dirname(CONFIGS)
     if root not in sys.path:  # the benchmarks package lives beside vgg_jax
         sys.path.insert(0, root)

@@ -1,42 +1,87 @@
-"""XLA:CPU flags that the library sets before JAX starts its backend.
+"""CPU choices per jaxlib version: the XLA:CPU flag and the layer formulation.
 
 DESIGN.md's per-layer probe found `--xla_cpu_experimental_ynn_fusion_type=
-individual_dot` roughly doubled VGG training speed on CPU with jaxlib 0.10.2.
-An interleaved A/B on the same 2-core machine later found it neutral (0.91x
-to 1.08x, `benchmarks/flag_ab.py`, benchmarks/RESULTS.md), so treat the flag as
-version- and machine-specific and re-measure. XLA reads XLA_FLAGS once, when the
-backend is created (at the first computation, not at `import jax`), so
-`import vgg_jax` appends the flag then, unless:
+individual_dot` roughly doubled VGG training speed on CPU with jaxlib 0.10.2;
+an interleaved A/B on the same 2-core machine later found it neutral to
+helpful (0.91x to 1.08x, `benchmarks/flag_ab.py`). Such choices are version-
+and machine-specific, so `CPU_CHOICES` records, per jaxlib (major, minor),
+what was measured there (benchmarks/RESULTS.md): whether to add the flag, and
+which formulation `vgg_jax.layers`' "auto" takes on CPU.
+
+XLA reads XLA_FLAGS once, when the backend is created (at the first
+computation, not at `import jax`), so `import vgg_jax` appends the flag then,
+when the table says so, unless:
 
 * XLA_FLAGS already names `xla_cpu_experimental_ynn_fusion_type` (the user's
   choice wins; nothing is ever overwritten, only appended);
-* VGG_JAX_CPU_FLAGS=0 is set (opt out);
+* VGG_JAX_CPU_FLAGS=0 is set (opt out; VGG_JAX_CPU_FLAGS=1 adds it whatever
+  the table says, as `benchmarks/flag_ab.py` does to measure it);
 * JAX_PLATFORMS names platforms without "cpu", or is unset while a GPU/TPU
   plugin is installed (JAX will then default to the accelerator, and the
-  flag would be useless);
-* the installed jaxlib is not a version the flag was measured with: an
-  unknown flag in XLA_FLAGS aborts the process, so it is never guessed.
+  flag would be useless).
+
+On a jaxlib that is not in the table, the flag is not added (an unknown flag
+in XLA_FLAGS aborts the process, so it is never guessed) and "auto" takes the
+newest measured version's formulation (both compute the same values); a
+debug-level log line says so. Re-measure with `benchmarks/cpu_suite.sh` and
+`benchmarks/flag_ab.py` and add a row.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import importlib.metadata
+import logging
 import os
 import sys
 import warnings
 
 YNN_FLAG_NAME = "xla_cpu_experimental_ynn_fusion_type"
 YNN_FLAG = f"--{YNN_FLAG_NAME}=individual_dot"
-# jaxlib (major, minor) versions known to have the flag and to gain from it.
-KNOWN_JAXLIB = ((0, 10),)
 
 
-def _jaxlib_version() -> tuple[int, ...] | None:
+@dataclasses.dataclass(frozen=True)
+class CpuChoice:
+    """What to do on XLA:CPU for one jaxlib version."""
+
+    ynn_flag: bool  # append YNN_FLAG to XLA_FLAGS
+    formulation: str  # what layers' "auto" resolves to on CPU: "fast" or "lax"
+    measured: bool = True
+
+
+# jaxlib (major, minor) -> the choice its measurements support (benchmarks/RESULTS.md).
+CPU_CHOICES: dict[tuple[int, int], CpuChoice] = {
+    (0, 10): CpuChoice(ynn_flag=True, formulation="fast"),  # 2026-11, DESIGN.md's probe
+    (0, 12): CpuChoice(ynn_flag=True, formulation="fast"),  # 2026-12-01: flag 1.06x, fast 1.76x
+}
+
+
+def jaxlib_version() -> tuple[int, ...] | None:
+    """The installed jaxlib's (major, minor), or None without jaxlib."""
     try:
         text = importlib.metadata.version("jaxlib")
     except importlib.metadata.PackageNotFoundError:
         return None
     return tuple(int(p) for p in text.split(".")[:2] if p.isdigit())
+
+
+@functools.lru_cache(maxsize=8)
+def cpu_choice(version: tuple[int, ...] | None = None) -> CpuChoice:
+    """The CPU choice for `version` (default: the installed jaxlib's)."""
+    version = jaxlib_version() if version is None else version
+    if version in CPU_CHOICES:
+        return CPU_CHOICES[version]
+    newest = CPU_CHOICES[max(CPU_CHOICES)]
+    logging.getLogger(__name__).debug(
+        "jaxlib %s has no measured CPU choice in vgg_jax.backend.CPU_CHOICES: the XLA:CPU "
+        "flag %s is not added and layer formulation 'auto' takes %r on CPU (jaxlib %s's).",
+        version,
+        YNN_FLAG,
+        newest.formulation,
+        max(CPU_CHOICES),
+    )
+    return CpuChoice(ynn_flag=False, formulation=newest.formulation, measured=False)
 
 
 ACCELERATOR_DISTRIBUTIONS = ("jax-cuda", "jax_cuda", "jax-rocm", "jax_rocm", "libtpu")
@@ -73,13 +118,14 @@ def cpu_is_default_backend(environ: os._Environ | dict[str, str] = os.environ) -
 
 def cpu_flags_wanted(environ: os._Environ | dict[str, str] = os.environ) -> bool:
     """Whether `configure_xla_flags` would add the CPU flag (see the module docstring)."""
-    if environ.get("VGG_JAX_CPU_FLAGS", "1") == "0":
+    setting = environ.get("VGG_JAX_CPU_FLAGS", "")
+    if setting == "0":
         return False
     if YNN_FLAG_NAME in environ.get("XLA_FLAGS", ""):
         return False
     if not cpu_is_default_backend(environ):
         return False
-    return _jaxlib_version() in KNOWN_JAXLIB
+    return setting == "1" or cpu_choice().ynn_flag
 
 
 def configure_xla_flags(environ: os._Environ | dict[str, str] = os.environ) -> bool:

@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vgg_jax import backend
+
 Array = jax.Array
 Initializer = Callable[..., Array]
 
@@ -32,8 +34,9 @@ LRN_BETA = 0.75
 # reduce_window); "fast" is the one measured faster on XLA:CPU (DESIGN.md, the
 # per-layer probe): a reshape-and-max pool with its own gradient, small-map
 # convolutions as shifted views plus one matmul, and first-layer convolutions
-# (few input channels) as a sum of shifted taps. "auto" picks "fast" on CPU and
-# "lax" elsewhere. Both compute the same values and gradients (tests/test_layers.py).
+# (few input channels) as a sum of shifted taps. "auto" takes on CPU what was
+# measured faster for the installed jaxlib (backend.cpu_choice) and "lax" elsewhere.
+# Both compute the same values and gradients (tests/test_layers.py).
 
 FORMULATIONS = ("auto", "lax", "fast")
 _formulation = os.environ.get("VGG_JAX_FORMULATION", "auto")
@@ -80,7 +83,7 @@ def resolve_formulation(name: str | None = None) -> str:
     """'lax' or 'fast': the explicit name, else the global one, 'auto' by backend."""
     name = _check_formulation(_formulation if name is None else name)
     if name == "auto":
-        return "fast" if jax.default_backend() == "cpu" else "lax"
+        return backend.cpu_choice().formulation if jax.default_backend() == "cpu" else "lax"
     return name
 
 
