@@ -16,6 +16,7 @@ CHANNELS = 3
 NUM_TRAIN = 256
 NUM_EVAL = 20
 NAN_AT_STEP = -1  # a test sets it to put a NaN into one batch
+BAD_PER_STEP = 0  # undecodable images each training batch reports (bad_images counter)
 SLEEP = float(os.environ.get("FAKE_DATA_SLEEP", "0"))  # seconds per batch, for kill tests
 
 
@@ -39,7 +40,9 @@ def _processes(process_index, process_count):
     return process_index, process_count
 
 
-def train_dataset(config, *, start_step=0, process_index=None, process_count=None):
+def train_dataset(
+    config, *, start_step=0, process_index=None, process_count=None, bad_images=None
+):
     pi, pc = _processes(process_index, process_count)
     local = config.batch_size // pc
     step = start_step
@@ -51,6 +54,9 @@ def train_dataset(config, *, start_step=0, process_index=None, process_count=Non
         if SLEEP:
             time.sleep(SLEEP)
         rows = slice(pi * local, (pi + 1) * local)
+        if bad_images is not None:  # as input_pipeline reports skipped files, per batch
+            names = [f"bad-{step}-{i}.jpg" for i in range(BAD_PER_STEP)]
+            bad_images.add(step // steps_per_epoch(config), names)
         yield {"image": images[rows], "label": labels[rows]}
         step += 1
 

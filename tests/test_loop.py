@@ -52,8 +52,8 @@ def loc_config(**overrides):
 def _interrupted(batches, at_step: int, action):
     """`batches` that run `action` when the batch of step `at_step` is due."""
 
-    def wrapped(config, start_step=0):
-        for step, batch in enumerate(batches(config, start_step=start_step), start_step):
+    def wrapped(config, start_step=0, **kwargs):
+        for step, batch in enumerate(batches(config, start_step=start_step, **kwargs), start_step):
             if step + 1 == at_step:
                 action()
             yield batch
@@ -104,7 +104,10 @@ def _crash():
 
 
 @pytest.mark.parametrize("task", TASKS)
-def test_killed_and_preempted_runs_resume_exactly_with_metrics_once(task, tmp_path, capsys):
+def test_killed_and_preempted_runs_resume_exactly_with_metrics_once(
+    task, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setattr(fake_data, "BAD_PER_STEP", 1)  # every batch reports one skipped file
     task.train(tmp_path / "straight")
     workdir = tmp_path / "interrupted"
     with pytest.raises(RuntimeError, match="killed"):  # a kill between the saves of 3 and 6
@@ -121,6 +124,10 @@ def test_killed_and_preempted_runs_resume_exactly_with_metrics_once(task, tmp_pa
     # Logged on the grid (2), at saves (3, 6) and SIGTERM (5), at the end; each step once
     # although step 4 was logged before the kill and again after resuming from step 3.
     assert steps == [2, 3, 4, 5, 6, 8], steps
+    if task.name == "classification":  # each step's skipped file counted once across resumes
+        final = [r for r in records if "bad_images_total" in r][-1]
+        assert final["step"] == 8 and final["bad_images_total"] == 8, final
+        assert "Skipped 1 undecodable training images" in said
     straight = task.params(tmp_path / "straight")
     jax.tree.map(np.testing.assert_array_equal, task.params(workdir), straight)
 

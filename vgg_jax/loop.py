@@ -98,6 +98,9 @@ class Task:
     plateau: optax.GradientTransformationExtraArgs
     describe_eval: Callable[[int, Mapping[str, float]], str] | None = None
     plot_curves: bool = True  # curves.png at the end (the classification figures)
+    # Undecodable training images skipped by `batches` (input_pipeline.BadImageCounter:
+    # fields batch, epoch, epoch_count, total, updated at every next()); None: not counted.
+    bad_images: Any = None
 
 
 @dataclasses.dataclass
@@ -285,9 +288,13 @@ class _Logger:
         self.last_step = start_step
         self.seconds_per_step = math.nan
         self.guard = DivergenceGuard(run.config.get("divergence_factor", 10.0))
+        self.bad_since_log = 0
 
     def add(self, step: int, figures: dict[str, jax.Array]) -> None:
         self.pending.append((step, figures))
+        counter = self.run.task.bad_images
+        if counter is not None:
+            self.bad_since_log += counter.batch
 
     def fetch(self) -> dict[str, float]:
         """The pending steps' figures, averaged; every step's loss checked (Divergence)."""
@@ -310,7 +317,28 @@ class _Logger:
         figures["learning_rate"] = float(fetched[-1]["learning_rate"])
         batch = self.run.config.batch_size
         figures["images_per_second"] = batch / self.seconds_per_step if done > 0 else 0.0
+        figures.update(self._bad_images())
         return figures
+
+    def _bad_images(self) -> dict[str, float]:
+        """Skipped training images since the last log point, in the epoch and in all,
+        summed over processes (each counts its own rows)."""
+        counter = self.run.task.bad_images
+        if counter is None:
+            return {}
+        counts = np.array([self.bad_since_log, counter.epoch_count, counter.total], np.int64)
+        self.bad_since_log = 0
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            counts = np.asarray(multihost_utils.process_allgather(counts)).sum(axis=0)
+        since, epoch_count, total = (int(c) for c in counts)
+        if since:
+            self.run.say(
+                f"Skipped {since} undecodable training images (epoch {counter.epoch + 1}: "
+                f"{epoch_count}, run: {total}); config.bad_images='fail' stops at the first."
+            )
+        return {"bad_images": since, "bad_images_epoch": epoch_count, "bad_images_total": total}
 
     def write(self, step: int, figures: Mapping[str, float]) -> None:
         run = self.run
@@ -408,6 +436,11 @@ def _save(run: _Run, state: TrainState, seconds: float, finished: bool = False) 
     step = int(to_host(state.step))
     meta = {**run.meta, "finished": finished, "epoch": step / run.steps_per_epoch}
     meta["seconds"] = seconds
+    counter = run.task.bad_images
+    if counter is not None:  # this process's counts, so a resumed run continues them
+        meta["bad_images"] = {
+            "epoch": counter.epoch, "epoch_count": counter.epoch_count, "total": counter.total
+        }
     checkpoints.save_state(run.manager, step, state, meta)
 
 
@@ -464,6 +497,7 @@ def _setup(task: Task, workdir: str) -> _Run:
 
 def _restored_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
     keep = ("best_metric", "best_value", "best_step", "best_accuracy", "seconds", "eval")
+    keep += ("bad_images",)
     out = {k: v for k, v in meta.items() if k in keep}
     if "best_value" not in out and "best_accuracy" in out:  # a checkpoint of an earlier version
         out["best_value"] = out["best_accuracy"]
@@ -552,6 +586,11 @@ def _steps(run: _Run, state: TrainState) -> Outcome:
     task, config = run.task, run.config
     spe, total = task.steps_per_epoch, task.total_steps
     step = int(to_host(state.step))
+    counts = run.meta.get("bad_images")
+    if task.bad_images is not None and counts:  # continue the counts of the resumed run
+        task.bad_images.epoch = int(counts["epoch"])
+        task.bad_images.epoch_count = int(counts["epoch_count"])
+        task.bad_images.total = int(counts["total"])
     data = task.batches(step)
     logger = _Logger(run, step)
     figures: dict[str, float] = {}

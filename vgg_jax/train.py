@@ -446,6 +446,9 @@ def classification_task(config: ml_collections.ConfigDict, data: Data) -> loop.T
             out_shardings=parallel.replicated(mesh),
         )
         evaluate = functools.partial(central_figures, config, data, eval_fn, mesh)
+    from vgg_jax.input_pipeline import BadImageCounter
+
+    bad_images = BadImageCounter()
     return loop.Task(
         config=config,
         model=model,
@@ -455,7 +458,7 @@ def classification_task(config: ml_collections.ConfigDict, data: Data) -> loop.T
         abstract_state=shapes,
         state_sharding=sharding,
         init_state=functools.partial(initial_state, config, model, channels, spe, sharding),
-        batches=lambda start: data.train_dataset(config, start_step=start),
+        batches=lambda start: data.train_dataset(config, start_step=start, bad_images=bad_images),
         train_step=steps.jit_step(step_fn, sharding, mesh),
         evaluate=evaluate,
         eval_figures=figures,
@@ -463,6 +466,7 @@ def classification_task(config: ml_collections.ConfigDict, data: Data) -> loop.T
         best_metric=config.best_metric or "eval_top1_accuracy",
         plateau=create_plateau(config),
         describe_eval=_describe(spe),
+        bad_images=bad_images,
     )
 
 
