@@ -61,7 +61,9 @@ def train_dataset(
         step += 1
 
 
-def eval_dataset(config, *, split=None, batch_size=None, process_index=None, process_count=None):
+def eval_dataset(
+    config, *, split=None, batch_size=None, process_index=None, process_count=None, bad_images=None
+):
     pi, pc = _processes(process_index, process_count)
     batch = batch_size or config.eval_batch_size
     images, labels = _images(np.random.default_rng([config.seed, 10**6]), NUM_EVAL, config)

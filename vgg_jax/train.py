@@ -340,8 +340,10 @@ def _add_trees(a: Any, b: Any) -> Any:
 
 def central_figures(config, data: Data, eval_fn: Callable, mesh, state: TrainState) -> dict:
     """The central-crop evaluation (at config.eval_scale) of the evaluation split."""
-    totals = None
-    for local in data.eval_dataset(config):
+    from vgg_jax.input_pipeline import BadImageCounter
+
+    bad_images, totals = BadImageCounter(), None
+    for local in data.eval_dataset(config, bad_images=bad_images):
         batch = parallel.global_batch(local, mesh)
         out = eval_fn(state.params, state.batch_stats, batch)
         totals = out if totals is None else _add_trees(totals, out)
@@ -349,11 +351,14 @@ def central_figures(config, data: Data, eval_fn: Callable, mesh, state: TrainSta
         raise ValueError(f"The evaluation split {config.eval_split!r} yielded no batches.")
     t = to_host(totals)
     count = max(int(t["count"]), 1)
-    return {
+    figures = {
         "eval_loss": float(t["loss"]) / count,
         "eval_top1_accuracy": float(t["top1"]) / count,
         "eval_top5_accuracy": float(t["top5"]) / count,
     }
+    if bad_images.total:  # skipped files (this process's), left out of the figures above
+        figures["eval_bad_images"] = float(bad_images.total)
+    return figures
 
 
 def dense_figures(config, data: Data, model: models.VGG, state: TrainState) -> dict[str, float]:
@@ -382,9 +387,11 @@ EVALUATIONS = ("central", "dense")
 
 def _describe(spe: int) -> Callable[[int, Mapping[str, float]], str]:
     def describe(step, ev):
+        skipped = int(ev.get("eval_bad_images", 0))
         return (
             f"step {step} (epoch {step / spe:.2f}): validation top-1 "
             f"{ev['eval_top1_accuracy']:.4f}, top-5 {ev['eval_top5_accuracy']:.4f}"
+            + (f" ({skipped} undecodable images skipped)" if skipped else "")
         )
 
     return describe
