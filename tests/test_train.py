@@ -294,7 +294,7 @@ def _worker(workdir, overrides, env=None, **kwargs):
     )
 
 
-def _wait_for_checkpoint(workdir, proc, timeout=120):
+def _wait_for_checkpoint(workdir, proc, timeout=300):  # compiling may be slow under load
     path = workdir / "checkpoints"
     deadline = time.time() + timeout
     while time.time() < deadline:
