@@ -51,7 +51,10 @@ def test_fashion_mnist_seed_setup():
     d2l = load("fashion_mnist", "d2l")
     assert (d2l.learning_rate, d2l.batch_size, d2l.image_size) == (0.05, 128, 224)
     quick = load("fashion_mnist", "quick")
-    assert quick.image_size == 32 and quick.fc_width == 4096 and quick.width_divisor == 4
+    assert quick.image_size == 32 and quick.fc_width == 1024 and quick.width_divisor == 4
+    # The paper's scale jittering and flips; tested inside the training range (make demo).
+    assert (quick.train_scale_min, quick.train_scale_max, quick.random_flip) == (32, 64, True)
+    assert tuple(quick.test_scales) == (32, 64) and not quick.cache
     for config in (c, d2l, quick):
         train.validate_config(config)
 

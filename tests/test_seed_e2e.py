@@ -33,8 +33,13 @@ def quick_config(**overrides):
 
 
 def test_quick_variant_trains_on_real_fashion_mnist(tmp_path):
-    # A third of an epoch (160 batches of 128, inside the warm-up), from the in-memory cache.
+    # A third of an epoch (160 batches of 128, inside the warm-up), from the in-memory cache:
+    # at a fixed scale without flips, which learns fastest (the demo's jittered training
+    # needs more steps before its loss moves; measured in benchmarks/RESULTS.md).
     config = quick_config(
+        train_scale_max=32,
+        random_flip=False,
+        cache=True,
         max_steps=160,
         log_every_steps=20,
         checkpoint_every_steps=160,  # a save off the logging grid adds a record

@@ -14,7 +14,10 @@ orbax stores arrays in tensorstore and the metadata is JSON.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -244,6 +247,34 @@ STATE_DIR = "checkpoints"
 BEST_DIR = "best"
 
 
+class _DropReadOnlyNotices(logging.Filter):
+    """Drops orbax's notices that a read-only manager is read-only: reading is what was asked."""
+
+    NOTICES = ("CheckpointManagerOptions.read_only=True", "Given directory is read only")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.NOTICES)
+
+
+def _quiet_when_read_only(make_manager):
+    """Silences those notices while a read-only manager is made; every other warning shows."""
+    signature = inspect.signature(make_manager)
+
+    @functools.wraps(make_manager)
+    def wrapper(*args, **kwargs):
+        if not signature.bind(*args, **kwargs).arguments.get("read_only"):
+            return make_manager(*args, **kwargs)
+        absl_logger, notices = logging.getLogger("absl"), _DropReadOnlyNotices()
+        absl_logger.addFilter(notices)
+        try:
+            return make_manager(*args, **kwargs)
+        finally:
+            absl_logger.removeFilter(notices)
+
+    return wrapper
+
+
+@_quiet_when_read_only
 def state_manager(workdir: str, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
     """Manager of the training states in workdir/checkpoints: step-numbered, last `keep` kept.
 
@@ -298,6 +329,7 @@ def restore_state(
     return restored["state"], dict(restored["meta"])
 
 
+@_quiet_when_read_only
 def best_manager(workdir: str, read_only: bool = False) -> ocp.CheckpointManager:
     """Manager of workdir/best: the variables of the evaluation with the best top-1 accuracy."""
     options = ocp.CheckpointManagerOptions(

@@ -58,7 +58,17 @@ import ml_collections
 import numpy as np
 import optax
 
-from vgg_jax import boxes, checkpoints, evaluate, fileio, image_io, models, parallel, train
+from vgg_jax import (
+    boxes,
+    checkpoints,
+    evaluate,
+    fileio,
+    image_io,
+    models,
+    parallel,
+    protocols,
+    train,
+)
 from vgg_jax import localization_data as ldata
 from vgg_jax import metrics as metrics_lib
 
@@ -574,7 +584,7 @@ def _class_names(config) -> tuple[str, ...]:
 class Localizer:
     """A trained localisation net and how to read its outputs."""
 
-    member: evaluate.Member
+    member: protocols.Member
     head: str
     num_object_classes: int
     class_names: tuple[str, ...]
@@ -617,7 +627,7 @@ def position_boxes(params: np.ndarray, image_size: int, rescaled_hw: tuple[int, 
     """
     h, w = params.shape[:2]
     corners = boxes.decode(params)
-    stride = evaluate.NETWORK_STRIDE
+    stride = protocols.NETWORK_STRIDE
     rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
     rh, rw = rescaled_hw
     top, left = rows * stride / rh, cols * stride / rw
@@ -628,7 +638,7 @@ def position_boxes(params: np.ndarray, image_size: int, rescaled_hw: tuple[int, 
 
 def dense_localize(
     localizers: Sequence[Localizer],
-    classifier: evaluate.Member,
+    classifier: protocols.Member,
     images: Sequence[np.ndarray],
     scales: Sequence[int],
     top: int = 5,
@@ -647,10 +657,10 @@ def dense_localize(
                 f"{loc.member.model.image_size}, the classifier {size}: their score-map "
                 "positions must coincide; use nets trained at the same image_size."
             )
-    image_set = evaluate.as_image_set([image_io.unit_float(im) for im in images])
+    image_set = image_io.as_image_set([image_io.unit_float(im) for im in images])
 
-    def maps_of(member: evaluate.Member) -> list[dict[int, np.ndarray]]:
-        dense = evaluate.DenseEvaluator(
+    def maps_of(member: protocols.Member) -> list[dict[int, np.ndarray]]:
+        dense = protocols.DenseEvaluator(
             member.model,
             member.variables,
             scales,
@@ -664,9 +674,9 @@ def dense_localize(
     loc_maps = [maps_of(loc.member) for loc in localizers]
     results = []
     for i, image in enumerate(image_set.images):
-        probs = {q: np.asarray(evaluate._softmax(m)) for q, m in cls_maps[i].items()}
+        probs = {q: np.asarray(protocols.softmax(m)) for q, m in cls_maps[i].items()}
         image_probs = np.mean(
-            [np.asarray(evaluate._softmax(m.mean(axis=(0, 1)))) for m in cls_maps[i].values()],
+            [np.asarray(protocols.softmax(m.mean(axis=(0, 1)))) for m in cls_maps[i].values()],
             axis=0,
         )
         classes = np.argsort(-image_probs, kind="stable")[:top]
@@ -675,7 +685,7 @@ def dense_localize(
             cand, scores = [], []
             for loc, maps in zip(localizers, loc_maps, strict=True):
                 for q, m in maps[i].items():
-                    hw = evaluate.rescaled_size(image.shape[0], image.shape[1], q)
+                    hw = image_io.rescaled_size(image.shape[0], image.shape[1], q)
                     cand.append(position_boxes(loc.boxes_for(m, int(c)), size, hw).reshape(-1, 4))
                     scores.append(probs[q][..., c].reshape(-1))
             merged, ratings = boxes.merge(np.concatenate(cand), np.concatenate(scores), merge_iou)
