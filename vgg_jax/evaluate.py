@@ -19,7 +19,7 @@ the original image), raw pixels in [0, 1], since each network normalises its
 own input. Default scales are the config's `test_scales`, else the paper's
 for the run's training scale (`paper_scales`).
 
-Stored results: with `--workdir` (and no `--checkpoint`), the result is kept
+Stored results: with `--workdir` (no `--checkpoint`, one process), the result is kept
 in `WORKDIR/eval/<key>.json`, the key a hash of the checkpoint's step, the
 arguments and `PROTOCOL_VERSION`; the same command again prints it without
 evaluating (`--recompute` evaluates anew).
@@ -190,8 +190,12 @@ def result_key(args: argparse.Namespace, step: int, scales: Sequence[int], split
 
 
 def stored_path(args: argparse.Namespace, members, scales, split) -> str | None:
-    """WORKDIR/eval/<key>.json for a single training run; None where nothing is stored."""
-    if not args.workdir or args.checkpoint:
+    """WORKDIR/eval/<key>.json for a single training run; None where nothing is stored.
+
+    One process only: processes that disagreed on finding the file would wait
+    for each other's error counts forever.
+    """
+    if not args.workdir or args.checkpoint or jax.process_count() > 1:
         return None
     step = members[0].step
     if step is None:

@@ -46,7 +46,8 @@ same pixels.
 
 `member_evaluators` is the one place evaluators are built from a network
 (`build_evaluator`, `Ensemble.from_members` and `ProtocolSet.build` use it).
-Batches are sharded over a 'data' mesh axis of the local devices.
+Batches are sharded over a 'data' mesh axis of the local devices. (One idea,
+the paper's section 3, in one module of about 600 lines.)
 """
 
 from __future__ import annotations
@@ -576,8 +577,11 @@ class ProtocolSet:
         batch_size: int = 8,
         devices: Sequence[jax.Device] | None = None,
     ) -> ProtocolSet:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
         if not members:
             raise ValueError("Give at least one network to evaluate.")
+        scales = tuple(scales)
         built = [
             member_evaluators(
                 m, mode, scales, flip, grid=grid, batch_size=batch_size, devices=devices
