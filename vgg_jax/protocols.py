@@ -256,8 +256,12 @@ class DenseEvaluator:
         m = self.bucket_multiple
         return -(-height // m) * m, -(-width // m) * m
 
-    def _run(self, kind: str, images: list[np.ndarray], bucket: tuple[int, int]) -> np.ndarray:
-        """One call on images of one bucket: (len(images), ...) outputs."""
+    def _run(self, kind: str, images: list[np.ndarray], bucket: tuple[int, int]) -> Array:
+        """One call on images of one bucket: outputs for them in its first len(images) rows.
+
+        Returns without waiting for the result, so that the host prepares the
+        next batch while the network computes this one.
+        """
         n = len(images)
         # A bucket's last chunk is usually short: run it at the next power of two rows, not
         # the full batch (a bounded set of sizes, log2(batch) + 1 per bucket at most).
@@ -272,8 +276,7 @@ class DenseEvaluator:
             valid[i] = im.shape[:2]
         masked = any(im.shape[:2] != bucket for im in images)
         self._compiled.add((kind, masked, x.shape))
-        out = self._fns[kind, masked](self.variables, *self._devices.put_batch(x, valid))
-        return np.asarray(out)[:n]
+        return self._fns[kind, masked](self.variables, *self._devices.put_batch(x, valid))
 
     def _per_image(self, kind: str, images: list[np.ndarray]) -> list[np.ndarray]:
         """Runs the `kind` forward on every image (grouped by bucket, in chunks of batch_size)."""
@@ -281,13 +284,15 @@ class DenseEvaluator:
         for i, im in enumerate(images):
             groups.setdefault(self.bucket_shape(*im.shape[:2]), []).append(i)
         step = self._devices.round_up(self.batch_size * (2 if self.flip else 1))
-        results: list[np.ndarray | None] = [None] * len(images)
+        launched = []  # every call dispatched first, then fetched: no wait between calls
         for bucket, idx in sorted(groups.items()):
             for start in range(0, len(idx), step):
                 chunk = idx[start : start + step]
-                out = self._run(kind, [images[i] for i in chunk], bucket)
-                for i, o in zip(chunk, out, strict=True):
-                    results[i] = o
+                launched.append((chunk, self._run(kind, [images[i] for i in chunk], bucket)))
+        results: list[np.ndarray | None] = [None] * len(images)
+        for chunk, out in launched:
+            for i, o in zip(chunk, np.asarray(out)[: len(chunk)], strict=True):
+                results[i] = o
         return results  # type: ignore[return-value]
 
     def predict_per_scale(self, images: Any) -> dict[int, np.ndarray]:
