@@ -264,9 +264,9 @@ def load_members(args: argparse.Namespace) -> list[protocols.Member]:
 def data_config(args: argparse.Namespace, members: Sequence[protocols.Member]) -> Any:
     """The data settings: the run's or --config's, with --dataset / --data-dir applied.
 
-    num_classes is the networks' (the pipeline's label check). Normalisation is
-    left alone: the pipeline hands over raw pixels (`normalize=False`) and each
-    network normalises its own.
+    num_classes and image_size are the networks' (the pipeline's label check, the
+    smallest test scale). Normalisation is left alone: the pipeline hands over
+    raw pixels (`normalize=False`) and each network normalises its own.
     """
     config = _base_config(args)
     with config.unlocked():
@@ -275,6 +275,7 @@ def data_config(args: argparse.Namespace, members: Sequence[protocols.Member]) -
         if args.data_dir is not None:
             config.data_dir = args.data_dir
         config.num_classes = members[0].model.num_classes
+        config.image_size = min(m.model.image_size for m in members)
     return config
 
 
