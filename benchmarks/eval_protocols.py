@@ -19,11 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vgg_jax import evaluate as ev
-from vgg_jax import models
+from vgg_jax import image_io, models
+from vgg_jax import protocols as pr
 
 
-def timed(evaluator, images: ev.ImageSet, repeats: int) -> float:
+def timed(evaluator, images: image_io.ImageSet, repeats: int) -> float:
     """Best wall time of `repeats` predictions (after a warm-up call that compiles)."""
     evaluator.predict(images)
     best = float("inf")
@@ -50,21 +50,22 @@ def main() -> None:
     variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
     h, w = (int(v) for v in args.shape.split("x"))
     rng = np.random.default_rng(0)
-    images = ev.ImageSet([rng.random((h, w, 3), dtype=np.float32) for _ in range(args.num_images)])
+    pixels = [rng.random((h, w, 3), dtype=np.float32) for _ in range(args.num_images)]
+    images = image_io.ImageSet(pixels)
     for q in (256, 384, 512):
         images.at_scale(q)  # rescaling is not what is measured
     n = args.num_images
     protocols = {
-        "single crop (Q=256, 224 centre)": ev.MultiCropEvaluator(
+        "single crop (Q=256, 224 centre)": pr.MultiCropEvaluator(
             model, variables, (256,), grid=1, flip=False, batch_size=n
         ),
-        "dense Q=256": ev.DenseEvaluator(model, variables, (256,), flip=False, batch_size=n),
-        "dense Q=384": ev.DenseEvaluator(model, variables, (384,), flip=False, batch_size=n),
-        "dense Q=512": ev.DenseEvaluator(model, variables, (512,), flip=False, batch_size=n),
-        "dense Q=256,384,512 + flips": ev.DenseEvaluator(
+        "dense Q=256": pr.DenseEvaluator(model, variables, (256,), flip=False, batch_size=n),
+        "dense Q=384": pr.DenseEvaluator(model, variables, (384,), flip=False, batch_size=n),
+        "dense Q=512": pr.DenseEvaluator(model, variables, (512,), flip=False, batch_size=n),
+        "dense Q=256,384,512 + flips": pr.DenseEvaluator(
             model, variables, (256, 384, 512), flip=True, batch_size=n
         ),
-        "150-crop (5x5, flips, Q=256,384,512)": ev.MultiCropEvaluator(
+        "150-crop (5x5, flips, Q=256,384,512)": pr.MultiCropEvaluator(
             model, variables, (256, 384, 512), grid=5, flip=True, batch_size=50
         ),
     }

@@ -11,6 +11,16 @@ From these, the cost per image of the paper's two multi-scale protocols:
 dense over the three scales with horizontal flips (2 x sum over Q of 1/rate)
 and 150-crop multi-crop (5x5 grid x 2 flips x 3 scales: 150 / crop rate),
 and their ratio, for each implementation.
+
+End to end (`--end-to-end WORKDIR`): the wall time of the evaluation command
+itself (`python -m vgg_jax.evaluate --workdir WORKDIR --recompute`, start-up,
+loading and compilation included) against the bare dense forward passes it
+has to make: at each test scale Q, batches of the evaluator's rows (images
+plus flips) at Q x Q (the demo's square images), timed on their own and
+multiplied by the number of batches the split needs. Their ratio is the
+evaluator's efficiency (1.0: it costs exactly its forward passes):
+
+    python -m benchmarks.eval_throughput --end-to-end runs/fashion_mnist_quick
 """
 
 from __future__ import annotations
@@ -50,6 +60,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--json-out", default=None)
+    p.add_argument("--end-to-end", default="", metavar="WORKDIR", help="time the command")
+    p.add_argument("--limit", type=int, default=0, help="--end-to-end: first N test images")
+    p.add_argument("--eval-batch", type=int, default=8, help="--end-to-end: --batch-size")
     return p.parse_args(argv)
 
 
@@ -128,8 +141,82 @@ def torch_variants(spec: str, on_gpu: bool) -> list[str]:
     return common.split_list(spec)
 
 
+def bare_dense_seconds(member, scales, rows: int, calls: int, repeats: int) -> dict[int, float]:
+    """{Q: seconds per call} of the jitted dense forward on `rows` Q x Q images (median)."""
+    model, variables = member.model, jax.device_put(dict(member.variables))
+    channels = variables_channels(variables)
+
+    @jax.jit
+    def dense(v, x):
+        scores = model.apply(v, member.preprocess(x), method="score_map")
+        return jax.nn.softmax(scores.mean(axis=(1, 2)))
+
+    out = {}
+    for q in scales:
+        x = jnp.asarray(np.random.default_rng(0).random((rows, q, q, channels), np.float32))
+        dense(variables, x).block_until_ready()  # compile
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(calls):
+                y = dense(variables, x)
+            y.block_until_ready()
+            times.append((time.perf_counter() - start) / calls)
+        out[q] = float(np.median(times))
+    return out
+
+
+def end_to_end(args: argparse.Namespace) -> dict[str, Any]:
+    """The evaluation command's wall time against the bare forward passes it makes."""
+    import math
+    import os
+    import subprocess
+    import sys
+
+    from vgg_jax import evaluate, input_pipeline
+
+    workdir = args.end_to_end
+    member, _ = evaluate.load_network(workdir)
+    config = evaluate.data_config(evaluate.parse_args(["--workdir", workdir]), [member])
+    scales = evaluate.default_scales(config)
+    n = input_pipeline.num_examples(config, config.eval_split)
+    n = min(n, args.limit) if args.limit else n
+    rows = 2 * args.eval_batch  # every image and its flip
+    per_call = bare_dense_seconds(member, scales, rows, max(args.steps, 10), args.repeats)
+    bare = sum(t * math.ceil(2 * n / rows) for t in per_call.values())
+    command = [sys.executable, "-m", "vgg_jax.evaluate", "--workdir", workdir, "--recompute"]
+    command += ["--batch-size", str(args.eval_batch)]
+    command += ["--limit", str(args.limit)] if args.limit else []
+    load_before = os.getloadavg()[0]
+    start = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - start
+    record = {
+        "bench": "eval_end_to_end",
+        "workdir": workdir,
+        "images": n,
+        "scales": list(scales),
+        "rows": rows,
+        "bare_forward_s": bare,
+        "bare_ms_per_call": {q: 1e3 * t for q, t in per_call.items()},
+        "command_s": wall,
+        "images_per_s": n / wall,
+        "efficiency": bare / wall,
+        "load_avg": (load_before + os.getloadavg()[0]) / 2,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+    common.emit_json(record, args.json_out)
+    print(
+        f"end to end: {wall:.1f} s for {n} images ({n / wall:.0f} images/s), bare dense forward "
+        f"at the same shapes {bare:.1f} s: {bare / wall:.2f}x (load {record['load_avg']:.1f})"
+    )
+    return record
+
+
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
+    if args.end_to_end:
+        return [end_to_end(args)]
     # Both peers share this process, so both get the same allocator behaviour.
     reused = backend.reuse_host_buffers()
     device = jax.devices()[0]

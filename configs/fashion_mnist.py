@@ -59,6 +59,12 @@ def get_config(variant=None):
         # warm-up, lr 0.02-0.05 at batch 128 made this plain net collapse to a constant
         # output in the first epoch; the seed's recipe reaches 0.871 after 3 epochs.
         c.image_size = c.train_scale_min = c.train_scale_max = c.eval_scale = 32
+        # `vgg_jax.evaluate` tests at the training scale only: this net is trained at a
+        # fixed S = 32, where the paper's multi-scale test set {S - 32, S, S + 32} would be
+        # {32, 64}, and Q = 64 lies outside anything it has seen (86% error: benchmarks/
+        # RESULTS.md). A jittered recipe that makes Q = 64 fair missed the 5-minute budget
+        # ("Demo" in RESULTS.md).
+        c.test_scales = (32,)
         c.mean_rgb = (0.2860,)  # Fashion-MNIST training pixels, in [0, 1] units
         c.std_rgb = (0.3530,)
         c.cache = True

@@ -110,14 +110,19 @@ def tiny_config(**overrides):
 def dense_batches(config, scales, batch_size):
     """The evaluation split as the dense protocol reads it: (ImageSet, labels, mask) groups.
 
-    The fake images are already at image_size, so only Q = image_size is served.
+    The fake images are already at image_size, so only Q = image_size is served. Like the
+    real pipeline's, they are raw pixels: the (normalised) training images with the
+    config's normalisation undone, so that the evaluator's preprocessing gives them back.
     """
-    from vgg_jax import evaluate
+    from vgg_jax import image_io
 
     if tuple(scales) != (config.image_size,):
         raise ValueError(f"fake_data serves only Q = image_size ({config.image_size}).")
+    mean = np.asarray(config.mean_rgb, np.float32)[:CHANNELS]
+    std = np.asarray(config.std_rgb, np.float32)[:CHANNELS]
     for batch in eval_dataset(config, batch_size=batch_size):
-        images = evaluate.ImageSet(rescaled={config.image_size: list(batch["image"])})
+        raw = (batch["image"] * std + mean) / np.float32(config.value_range)
+        images = image_io.ImageSet(rescaled={config.image_size: list(raw)})
         yield images, batch["label"], batch["mask"]
 
 

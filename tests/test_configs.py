@@ -63,6 +63,9 @@ def test_fashion_mnist_seed_setup():
     assert (d2l.learning_rate, d2l.batch_size, d2l.image_size) == (0.05, 128, 224)
     quick = load("fashion_mnist", "quick")
     assert quick.image_size == 32 and quick.fc_width == 4096 and quick.width_divisor == 4
+    # Trained at a fixed S = 32, so `vgg_jax.evaluate` tests at that scale only.
+    assert (quick.train_scale_min, quick.train_scale_max) == (32, 32) and quick.cache
+    assert tuple(quick.test_scales) == (32,)
     for config in (c, d2l, quick):
         configuration.validate_config(config)
 

@@ -436,6 +436,27 @@ def test_image_folder_eval_exact_and_corrupt_file_named(photo_root, tmp_path):
         ip._cached_source.cache_clear()
 
 
+def test_eval_raw_pixels_at_several_scales_in_one_stream(photo_root):
+    """scales=(...): every example at each Q in one stream, as the single-scale streams give it."""
+    c = folder_config(photo_root, mean_rgb=(100.0, 110.0, 120.0), std_rgb=(50.0, 60.0, 70.0))
+    kw = dict(mode="full", process_index=0, process_count=1)
+    multi = list(ip.eval_dataset(c, normalize=False, scales=(32, 40), **kw))
+    assert len(multi) == ip.num_examples(c, "val") and "image" not in multi[0]
+    for q in (32, 40):
+        single = list(ip.eval_dataset(c, scale=q, **kw))
+        for m, s in zip(multi, single, strict=True):
+            raw = m["images"][q]
+            assert min(raw.shape[1:3]) == q and raw.shape == s["image"].shape
+            assert 0.0 <= raw.min() and raw.max() <= 1.0  # raw pixels, not normalised
+            # normalize() of the raw pixels (value_range 255) is the default stream's image.
+            np.testing.assert_allclose(ip.normalize(raw * 255.0, c), s["image"], atol=1e-4)
+            np.testing.assert_array_equal(m["label"], s["label"])
+    with pytest.raises(ValueError, match="at least one"):
+        ip.eval_dataset(c, scales=(), **kw)
+    with pytest.raises(ValueError, match="smaller than image_size"):
+        ip.eval_dataset(c, scales=(40, 16), process_index=0, process_count=1)
+
+
 def test_image_folder_resume_exact(photo_root):
     c = folder_config(photo_root, color_shift=0.1, random_flip=True)
     c.train_split = "val"  # no corrupt files: resume is exact

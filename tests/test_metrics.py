@@ -1,10 +1,12 @@
-"""vgg_jax.metrics: metrics.jsonl across restarts and torn lines, progress, per-epoch series."""
+"""vgg_jax.metrics: metrics.jsonl across restarts and torn lines, progress, per-epoch series, the
+evaluator's exact error counts."""
 
 from __future__ import annotations
 
 import io
 import json
 
+import numpy as np
 import pytest
 
 from vgg_jax import metrics
@@ -123,3 +125,11 @@ def test_disabled_bar_prints_no_progress_but_still_messages():
     bar.update(5, {"train_loss": 1.0}, 0.1)
     bar.message("validation top-1 0.5")
     assert stream.getvalue() == "validation top-1 0.5\n"
+
+
+def test_error_counts_by_hand():
+    probs = np.asarray([[0.1, 0.6, 0.3], [0.5, 0.2, 0.3], [0.2, 0.3, 0.5], [0.9, 0.05, 0.05]])
+    counts = metrics.ErrorCounts()
+    counts.update(probs, np.asarray([1, 2, 0, 1]), np.asarray([True, True, True, False]))
+    assert (counts.count, counts.top1_wrong, counts.top5_wrong) == (3, 2, 0)
+    assert counts.top1_error == pytest.approx(2 / 3)

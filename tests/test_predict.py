@@ -134,9 +134,9 @@ def test_dense_uses_the_evaluation_modules_dense_evaluator(image_files, tmp_path
             p[:, 281] = 1.0
             return p
 
-    fake = types.ModuleType("vgg_jax.evaluate")
+    fake = types.ModuleType("vgg_jax.protocols")
     fake.DenseEvaluator = FakeDense
-    monkeypatch.setitem(sys.modules, "vgg_jax.evaluate", fake)
+    monkeypatch.setitem(sys.modules, "vgg_jax.protocols", fake)
     top = predict.predict(bundle, [image_files["rgb"]], dense=True)[0]
     assert top[0][:2] == (281, "tabby") and top[0][2] == 1.0
     assert seen["scales"] == [256, 384, 512] and seen["flip"] is True

@@ -402,7 +402,7 @@ def test_metrics_file_and_curves(tmp_path):
 
 def test_dense_end_of_epoch_evaluation_and_any_figure_picks_the_best(tmp_path, dp8_run):
     # At Q = image_size the dense protocol sees each 32x32 image once (a 1x1 score map):
-    # the central crop's figures, computed through evaluate.DenseEvaluator instead.
+    # the central crop's figures, computed through protocols.DenseEvaluator instead.
     result = _train(tmp_path / "dense", train_eval="dense", train_eval_scales=(32,),
                     best_metric="eval_top5_accuracy")  # fmt: skip
     central = [r for r in metrics.read_metrics(str(dp8_run)) if "eval_top1_accuracy" in r][-1]

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -308,6 +310,34 @@ _REQUIRED = {
 _unrecorded: dict[str, set[int]] = {}
 
 
+class _DropReadOnlyNotices(logging.Filter):
+    """Drops orbax's notices that a read-only manager is read-only: reading is what was asked."""
+
+    NOTICES = ("CheckpointManagerOptions.read_only=True", "Given directory is read only")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.NOTICES)
+
+
+def _quiet_when_read_only(make_manager):
+    """Silences those notices while a read-only manager is made; every other warning shows."""
+    signature = inspect.signature(make_manager)
+
+    @functools.wraps(make_manager)
+    def wrapper(*args, **kwargs):
+        if not signature.bind(*args, **kwargs).arguments.get("read_only"):
+            return make_manager(*args, **kwargs)
+        absl_logger, notices = logging.getLogger("absl"), _DropReadOnlyNotices()
+        absl_logger.addFilter(notices)
+        try:
+            return make_manager(*args, **kwargs)
+        finally:
+            absl_logger.removeFilter(notices)
+
+    return wrapper
+
+
+@_quiet_when_read_only
 def state_manager(workdir: str, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
     """Manager of the training states in workdir/checkpoints: step-numbered, last `keep` kept.
 
@@ -321,28 +351,14 @@ def state_manager(workdir: str, keep: int = 3, read_only: bool = False) -> ocp.C
         read_only=read_only,
         cleanup_tmp_directories=True,
     )
-    with _quiet_if(read_only):
-        return ocp.CheckpointManager(
-            fileio.join(fileio.absolute(workdir), STATE_DIR),
-            options=options,
-            item_handlers={
-                "state": ocp.StandardCheckpointHandler(),
-                "meta": ocp.JsonCheckpointHandler(),
-            },
-        )
-
-
-@contextlib.contextmanager
-def _quiet_if(quiet: bool) -> Iterator[None]:
-    """Silences orbax's warnings (absl logging) that a read-only manager is read-only."""
-    logger = logging.getLogger("absl")
-    old = logger.level
-    if quiet:
-        logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(old)
+    return ocp.CheckpointManager(
+        fileio.join(fileio.absolute(workdir), STATE_DIR),
+        options=options,
+        item_handlers={
+            "state": ocp.StandardCheckpointHandler(),
+            "meta": ocp.JsonCheckpointHandler(),
+        },
+    )
 
 
 def save_state(manager: ocp.CheckpointManager, step: int, state: Any, meta: Any) -> None:
@@ -555,6 +571,7 @@ def _orbax_errors(step: int, source: str) -> Iterator[None]:
         ) from e
 
 
+@_quiet_when_read_only
 def best_manager(
     workdir: str, read_only: bool = False, metric: str = "eval_top1_accuracy", mode: str = "max"
 ) -> ocp.CheckpointManager:
@@ -575,12 +592,11 @@ def best_manager(
         read_only=read_only,
         cleanup_tmp_directories=not read_only,
     )
-    with _quiet_if(read_only):
-        return ocp.CheckpointManager(
-            fileio.join(fileio.absolute(workdir), BEST_DIR),
-            options=options,
-            item_handlers={"variables": ocp.StandardCheckpointHandler()},
-        )
+    return ocp.CheckpointManager(
+        fileio.join(fileio.absolute(workdir), BEST_DIR),
+        options=options,
+        item_handlers={"variables": ocp.StandardCheckpointHandler()},
+    )
 
 
 def save_best(

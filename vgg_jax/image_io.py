@@ -1,4 +1,9 @@
-"""Reading one image file for the command-line tools: PIL, pixels in [0, 1], clear errors.
+"""Images on the host: reading files (PIL, pixels in [0, 1], clear errors) and rescaling.
+
+`open_image` / `load_image` read one file for the command-line tools;
+`rescaled_size` / `resize_image` rescale to a smallest side Q as the input
+pipeline does; `ImageSet` holds a batch of images with their rescaled
+versions, shared by the evaluators of `vgg_jax.protocols`.
 
 Also the pixel rules every decoder follows, so that an image reads the same in
 training and evaluation (tf.data, `input_pipeline.decode_image`) as in
@@ -12,7 +17,10 @@ EXIF orientation is applied here only (TensorFlow's decoders ignore it).
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -105,3 +113,96 @@ def pixels(image: Image.Image) -> np.ndarray:
 def load_image(path: str | os.PathLike, channels: int = 3) -> np.ndarray:
     """The image at `path` as float32 (H, W, channels) in [0, 1] (see `open_image`)."""
     return pixels(open_image(path, channels))
+
+
+def rescaled_size(height: int, width: int, smallest_side: int) -> tuple[int, int]:
+    """(H, W) after an isotropic rescale to `smallest_side` (rounded as the input pipeline does)."""
+    f = smallest_side / min(height, width)
+    return max(1, int(round(height * f))), max(1, int(round(width * f)))
+
+
+@functools.lru_cache(maxsize=1)
+def _tf():
+    import tensorflow as tf
+
+    try:  # TensorFlow only resizes on the host; never let it take accelerator memory.
+        tf.config.set_visible_devices([], "GPU")
+    except (RuntimeError, ValueError):
+        pass
+    return tf
+
+
+def resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear resize of one HxWxC float image (antialiased when shrinking).
+
+    TensorFlow's eager op, not jax.image.resize: it runs on any shape without
+    compiling, and ImageNet images come in hundreds of shapes.
+    """
+    if image.shape[:2] == (height, width):
+        return image
+    tf = _tf()
+    out = tf.image.resize(image, (height, width), method="bilinear", antialias=True)
+    return out.numpy().astype(np.float32)
+
+
+class ImageSet:
+    """A batch of images plus their rescaled versions, shared by evaluators.
+
+    `images`: NHWC array or list of HxWxC arrays, pixels in [0, 1].
+    `rescaled`: optional {Q: list of images already rescaled to smallest side
+    Q} (the input pipeline produces these); missing scales are computed from
+    `images` (or from the largest given scale) and cached.
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray | Sequence[np.ndarray] | None = None,
+        rescaled: Mapping[int, Sequence[np.ndarray]] | None = None,
+    ) -> None:
+        self._rescaled: dict[int, list[np.ndarray]] = {
+            int(q): [_check_image(im) for im in ims] for q, ims in (rescaled or {}).items()
+        }
+        if images is None:
+            if not self._rescaled:
+                raise ValueError("ImageSet needs images or rescaled images.")
+            images = self._rescaled[max(self._rescaled)]
+        self.images = [_check_image(im) for im in images]
+        for q, ims in self._rescaled.items():
+            if len(ims) != len(self.images):
+                raise ValueError(f"rescaled[{q}] has {len(ims)} images, expected {len(self)}.")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def at_scale(self, q: int) -> list[np.ndarray]:
+        """The images rescaled to smallest side q (aspect ratio kept)."""
+        if q not in self._rescaled:
+            self._rescaled[q] = [
+                resize_image(im, *rescaled_size(im.shape[0], im.shape[1], q)) for im in self.images
+            ]
+        return self._rescaled[q]
+
+    def subset(self, indices: Sequence[int]) -> ImageSet:
+        rescaled = {q: [ims[i] for i in indices] for q, ims in self._rescaled.items()}
+        return ImageSet([self.images[i] for i in indices], rescaled)
+
+
+def _check_image(image: Any) -> np.ndarray:
+    image = np.asarray(image, np.float32)
+    if image.ndim != 3:
+        raise ValueError(
+            f"Expected an HxWxC image (or a batch of them), got an array of shape {image.shape}."
+        )
+    return image
+
+
+def as_image_set(images: ImageSet | np.ndarray | Sequence[np.ndarray]) -> ImageSet:
+    if isinstance(images, ImageSet):
+        return images
+    if hasattr(images, "shape") and np.ndim(images) == 3:
+        raise ValueError(
+            f"Expected a batch of images (N, H, W, C) or a list of HxWxC images; got shape "
+            f"{np.shape(images)}. Add a batch axis for a single image."
+        )
+    return ImageSet(images)
+

@@ -24,7 +24,8 @@ configs/default.py):
     at each epoch's end; "fail" raises an error naming the file. Training stops
     (RuntimeError, one line) only when a batch cannot be filled.
 
-`eval_dataset(config, *, split=None, batch_size=None, mode="center_crop", scale=None, ...)`
+`eval_dataset(config, *, split=None, batch_size=None, mode="center_crop", scale=None,
+              normalize=True, scales=None, ...)`
     One pass over this process's disjoint share of `split` (default
     config.eval_split) in a fixed order. Every batch has `'mask'` bool (B,),
     True for real examples: the last batches are padded so that all processes
@@ -35,6 +36,10 @@ configs/default.py):
         one image per batch: image (1, H, W, C), label (1,), mask (1,). Padding
         entries are Q x Q zeros with mask False. Dense evaluation and the 5x5
         multi-crop grid are built from these by the evaluator.
+      normalize=False: raw pixels in [0, 1] instead of `normalize`d ones.
+      scales=(Q1, Q2, ...): every example at each Q (each resampled from the
+        original image) in one stream, `'images'`: {Q: (B, H_Q, W_Q, C)}
+        replacing `'image'` (the evaluator's multi-scale input).
     A corrupt evaluation image is skipped and counted in `bad_images` (with the last
     batch; a warning names it), or with config.bad_images="fail" an error naming it.
 
@@ -69,7 +74,7 @@ import dataclasses
 import functools
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -77,6 +82,20 @@ import tensorflow as tf
 from vgg_jax import data_sources, image_io
 
 log = logging.getLogger(__name__)
+
+
+class _DropTfdsCounterNotice(logging.Filter):
+    """Drops TensorFlow's notice that tfds's reader uses the deprecated CounterV2.
+
+    It is printed at the first read of every tfds dataset and concerns tfds's
+    code, not the user's; every other TensorFlow warning still shows.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "CounterV2 (from tensorflow.python.data.experimental" not in record.getMessage()
+
+
+logging.getLogger("tensorflow").addFilter(_DropTfdsCounterNotice())
 
 # TensorFlow only preprocesses on the CPU; never let it take accelerator memory.
 try:
@@ -813,26 +832,35 @@ def eval_dataset(
     process_index: int | None = None,
     process_count: int | None = None,
     bad_images: BadImageCounter | None = None,
+    normalize: bool = True,
+    scales: Sequence[int] | None = None,
 ) -> Iterator[Batch]:
     """One pass over this process's share, padded to full batches with a 'mask'.
 
-    Undecodable images are skipped and counted in `bad_images` when the last
-    batch is yielded (config.bad_images="skip"), or an error naming the first
-    (="fail").
+    `normalize=False`: raw pixels in [0, 1] (for networks that normalise their
+    own input, as the evaluator's do). `scales=(Q1, Q2, ...)`: every example
+    at each Q, each resampled from the original image, in one stream: the
+    batch holds `'images'` {Q: images} instead of `'image'`. Undecodable images
+    are skipped and counted in `bad_images` when the last batch is yielded
+    (config.bad_images="skip"), or an error naming the first (="fail").
     """
     counter = BadImageCounter() if bad_images is None else bad_images
     policy = bad_image_policy(config)
     if mode not in ("center_crop", "full"):
         raise ValueError(f"eval mode must be 'center_crop' or 'full', got {mode!r}.")
+    if scales is not None and not scales:
+        raise ValueError("scales must name at least one test scale Q.")
     pi, pc = _processes(process_index, process_count)
     split = split or config.eval_split
     source = get_source(config)
     _check_source(config, source, split)
-    _channel_stats(config, source.channels)
+    if normalize:  # raw pixels need no statistics
+        _channel_stats(config, source.channels)
     scale = scale or config.eval_scale
     crop = config.image_size if mode == "center_crop" else None
-    if crop and scale < crop:
-        raise ValueError(f"eval scale Q={scale} is smaller than image_size={crop}.")
+    for q in scales or (scale,):
+        if crop and q < crop:
+            raise ValueError(f"eval scale Q={q} is smaller than image_size={crop}.")
     if mode == "full":
         local_batch = 1
     else:
@@ -843,10 +871,13 @@ def eval_dataset(
     channels, num_classes = source.channels, config.num_classes
 
     def preprocess(position, ex):
-        image = normalize(
-            eval_preprocess(ex["image"], channels, scale, crop, config.resize_method), config
-        )
         real = tf.constant(True)
+        if scales:
+            images = tuple(
+                _eval_pixels(ex["image"], channels, q, crop, config, normalize) for q in scales
+            )
+            return {"images": images, "label": ex["label"], "mask": real, "position": position}
+        image = _eval_pixels(ex["image"], channels, scale, crop, config, normalize)
         return {"image": image, "label": ex["label"], "mask": real, "position": position}
 
     def check_label(ex):
@@ -856,13 +887,15 @@ def eval_dataset(
         )
         return {**ex, "label": label}
 
-    pad_side = crop or scale
     pad = {
-        "image": tf.zeros([pad_side, pad_side, channels], tf.float32),
         "label": tf.constant(0, tf.int32),
         "mask": tf.constant(False),
         "position": tf.constant(-1, tf.int64),
     }
+    if scales:
+        pad["images"] = tuple(tf.zeros([crop or q, crop or q, channels]) for q in scales)
+    else:
+        pad["image"] = tf.zeros([crop or scale, crop or scale, channels], tf.float32)
     ds = records.enumerate().map(
         preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
     )
@@ -871,8 +904,24 @@ def eval_dataset(
     ds = ds.map(check_label).concatenate(tf.data.Dataset.from_tensors(pad).repeat())
     ds = ds.take(num_batches * local_batch).batch(local_batch).prefetch(tf.data.AUTOTUNE)
     if policy == "fail":
-        return _eval_iterator(ds, records, channels, local_batch)
-    return _skipping_eval_iterator(ds, records, sizes[pi], num_batches, counter)
+        batches = _eval_iterator(ds, records, channels, local_batch)
+    else:
+        batches = _skipping_eval_iterator(ds, records, sizes[pi], num_batches, counter)
+    return _by_scale(batches, tuple(scales)) if scales else batches
+
+
+def _eval_pixels(encoded, channels: int, scale: int, crop, config, normalized: bool) -> tf.Tensor:
+    """One evaluation image at Q = `scale`: normalised, or raw pixels in [0, 1]."""
+    image = eval_preprocess(encoded, channels, scale, crop, config.resize_method)
+    # Raw pixels scaled exactly as normalize() with value_range 1, mean 0, std 1 would.
+    return normalize(image, config) if normalized else image * np.float32(1.0 / 255.0)
+
+
+def _by_scale(batches: Iterator[Batch], scales: tuple[int, ...]) -> Iterator[Batch]:
+    """The per-scale image tuple of each batch as {Q: images}."""
+    for batch in batches:
+        batch["images"] = dict(zip(scales, batch["images"], strict=True))
+        yield batch
 
 
 def _eval_iterator(ds, records, channels, local_batch) -> Iterator[Batch]:

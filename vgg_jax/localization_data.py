@@ -211,7 +211,7 @@ def central_crop(image: np.ndarray, scale: int, size: int) -> tuple[np.ndarray, 
     The window is (top, left, size, size) in the rescaled image, whose (H, W)
     comes last: what `boxes.image_to_crop` needs.
     """
-    from vgg_jax.evaluate import rescaled_size, resize_image
+    from vgg_jax.image_io import rescaled_size, resize_image
 
     image = unit_float(image)
     h, w = image.shape[:2]

@@ -26,18 +26,22 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vgg_jax import boxes, checkpoints, configuration, evaluate, fileio, image_io, localize, train
+from vgg_jax import (
+    boxes,
+    checkpoints,
+    configuration,
+    evaluate,
+    fileio,
+    image_io,
+    localize,
+    protocols,
+    train,
+)
 from vgg_jax import localization_data as ldata
-
-
-def _softmax(x: np.ndarray) -> np.ndarray:
-    return np.asarray(jax.nn.softmax(jnp.asarray(x, jnp.float32), axis=-1))
-
 
 # ---------------------------------------------------------------------------
 # Protocol (2): dense application, merging, top-5 localisation error.
@@ -47,7 +51,7 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 class Localizer:
     """A trained localisation net and how to read its outputs."""
 
-    member: evaluate.Member
+    member: protocols.Member
     head: str
     num_object_classes: int
     class_names: tuple[str, ...]
@@ -90,7 +94,7 @@ def position_boxes(params: np.ndarray, image_size: int, rescaled_hw: tuple[int, 
     """
     h, w = params.shape[:2]
     corners = boxes.decode(params)
-    stride = evaluate.NETWORK_STRIDE
+    stride = protocols.NETWORK_STRIDE
     rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
     rh, rw = rescaled_hw
     top, left = rows * stride / rh, cols * stride / rw
@@ -101,7 +105,7 @@ def position_boxes(params: np.ndarray, image_size: int, rescaled_hw: tuple[int, 
 
 def dense_localize(
     localizers: Sequence[Localizer],
-    classifier: evaluate.Member,
+    classifier: protocols.Member,
     images: Sequence[np.ndarray],
     scales: Sequence[int],
     top: int = 5,
@@ -120,10 +124,10 @@ def dense_localize(
                 f"{loc.member.model.image_size}, the classifier {size}: their score-map "
                 "positions must coincide; use nets trained at the same image_size."
             )
-    image_set = evaluate.as_image_set([image_io.unit_float(im) for im in images])
+    image_set = image_io.as_image_set([image_io.unit_float(im) for im in images])
 
-    def maps_of(member: evaluate.Member) -> list[dict[int, np.ndarray]]:
-        dense = evaluate.DenseEvaluator(
+    def maps_of(member: protocols.Member) -> list[dict[int, np.ndarray]]:
+        dense = protocols.DenseEvaluator(
             member.model,
             member.variables,
             scales,
@@ -137,9 +141,9 @@ def dense_localize(
     loc_maps = [maps_of(loc.member) for loc in localizers]
     results = []
     for i, image in enumerate(image_set.images):
-        probs = {q: _softmax(m) for q, m in cls_maps[i].items()}
+        probs = {q: protocols.softmax(m) for q, m in cls_maps[i].items()}
         image_probs = np.mean(
-            [_softmax(m.mean(axis=(0, 1))) for m in cls_maps[i].values()],
+            [protocols.softmax(m.mean(axis=(0, 1))) for m in cls_maps[i].values()],
             axis=0,
         )
         classes = np.argsort(-image_probs, kind="stable")[:top]
@@ -148,7 +152,7 @@ def dense_localize(
             cand, scores = [], []
             for loc, maps in zip(localizers, loc_maps, strict=True):
                 for q, m in maps[i].items():
-                    hw = evaluate.rescaled_size(image.shape[0], image.shape[1], q)
+                    hw = image_io.rescaled_size(image.shape[0], image.shape[1], q)
                     cand.append(position_boxes(loc.boxes_for(m, int(c)), size, hw).reshape(-1, 4))
                     scores.append(probs[q][..., c].reshape(-1))
             merged, ratings = boxes.merge(np.concatenate(cand), np.concatenate(scores), merge_iou)

@@ -1,11 +1,14 @@
-"""Training metrics on the host: progress bar, metrics.jsonl, TensorBoard, curves.png.
+"""Metrics on the host: progress bar, metrics.jsonl, TensorBoard, curves.png, error counts.
 
-Only process 0 writes any of these. The trainer hands over plain floats that it
+Only process 0 writes the files. The trainer hands over plain floats that it
 fetched from the devices every `log_every_steps` steps, never per step.
+`ErrorCounts` counts the evaluator's top-1/top-5 errors on the host with a
+mask: exact whatever the batch size and the number of devices or processes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -13,6 +16,8 @@ import sys
 import time
 from collections.abc import Mapping
 from typing import Any
+
+import numpy as np
 
 from vgg_jax import fileio
 
@@ -233,3 +238,61 @@ def plot_curves(workdir: str, path: str | None = None) -> str:
     fig.savefig(png, format="png", dpi=120)
     fileio.write_bytes_atomic(path, png.getvalue())
     return path
+
+
+# ---------------------------------------------------------------------------
+# Evaluation: exact top-1/top-5 error counts (vgg_jax.evaluate's table).
+
+
+@dataclasses.dataclass
+class ErrorCounts:
+    """Exact top-1/top-5 error counts over the examples whose mask is True."""
+
+    count: int = 0
+    top1_wrong: int = 0
+    top5_wrong: int = 0
+
+    def update(self, probs: np.ndarray, labels: np.ndarray, mask: np.ndarray | None = None) -> None:
+        probs, labels = np.asarray(probs), np.asarray(labels).astype(np.int64)
+        mask = np.ones(len(labels), bool) if mask is None else np.asarray(mask, bool)
+        if not len(probs) == len(labels) == len(mask):
+            raise ValueError(
+                f"probs, labels and mask disagree on the batch size: "
+                f"{len(probs)}, {len(labels)}, {len(mask)}."
+            )
+        k = min(5, probs.shape[-1])
+        # Ties broken towards the lower class index, as argmax does.
+        top = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
+        top1 = top[:, 0] == labels
+        top5 = np.any(top == labels[:, None], axis=-1)
+        self.count += int(mask.sum())
+        self.top1_wrong += int((mask & ~top1).sum())
+        self.top5_wrong += int((mask & ~top5).sum())
+
+    def merge(self, other: ErrorCounts) -> ErrorCounts:
+        return ErrorCounts(
+            self.count + other.count,
+            self.top1_wrong + other.top1_wrong,
+            self.top5_wrong + other.top5_wrong,
+        )
+
+    def all_processes(self) -> ErrorCounts:
+        """The counts summed over every process (a no-op with one process)."""
+        import jax  # the training metrics above need none
+
+        if jax.process_count() == 1:
+            return self
+        from jax.experimental import multihost_utils
+
+        local = np.asarray([self.count, self.top1_wrong, self.top5_wrong], np.int64)
+        total = np.asarray(multihost_utils.process_allgather(local)).sum(axis=0)
+        return ErrorCounts(*(int(v) for v in total))
+
+    @property
+    def top1_error(self) -> float:
+        return self.top1_wrong / self.count if self.count else float("nan")
+
+    @property
+    def top5_error(self) -> float:
+        return self.top5_wrong / self.count if self.count else float("nan")
+

@@ -61,10 +61,10 @@ def dense_probabilities(
 ) -> np.ndarray:
     """(N, classes) by the evaluation module's dense multi-scale evaluator, with flips."""
     try:
-        from vgg_jax.evaluate import DenseEvaluator
+        from vgg_jax.protocols import DenseEvaluator
     except ImportError as e:
         raise RuntimeError(
-            f"--dense needs vgg_jax.evaluate.DenseEvaluator, which did not import ({e})."
+            f"--dense needs vgg_jax.protocols.DenseEvaluator, which did not import ({e})."
         ) from e
     if scales is None:
         scales = [round(q * bundle.image_size / 224) for q in DENSE_SCALES]

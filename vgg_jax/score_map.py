@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from vgg_jax import class_names as names_lib
-from vgg_jax import evaluate, image_io
+from vgg_jax import evaluate, image_io, protocols
 
 
 def class_names(bundle, labels_file: str | None, num_classes: int) -> list[str]:
@@ -43,15 +43,15 @@ def default_scale(image_size: int) -> int:
 
 
 def top_class_maps(
-    dense: evaluate.DenseEvaluator, image: np.ndarray, top: int
+    dense: protocols.DenseEvaluator, image: np.ndarray, top: int
 ) -> tuple[np.ndarray, list[int], np.ndarray, np.ndarray]:
     """(image at Q, top class indices, their average probabilities, their probability maps)."""
     (q,) = dense.scales
     scores = dense.score_maps([image])[0][q]
-    probs = np.asarray(evaluate._softmax(scores.mean(axis=(0, 1))))
+    probs = np.asarray(protocols.softmax(scores.mean(axis=(0, 1))))
     classes = [int(c) for c in np.argsort(-probs)[:top]]
-    position_probs = np.asarray(evaluate._softmax(scores))
-    rescaled = evaluate.ImageSet([image]).at_scale(q)[0]
+    position_probs = np.asarray(protocols.softmax(scores))
+    rescaled = image_io.ImageSet([image]).at_scale(q)[0]
     return rescaled, classes, probs[classes], position_probs[..., classes]
 
 
@@ -81,7 +81,7 @@ def draw(
     """Saves the image and one heat-map panel per class over the whole image to `output` (PNG)."""
     from matplotlib.figure import Figure  # no pyplot: no global backend switch
 
-    stride = evaluate.NETWORK_STRIDE
+    stride = protocols.NETWORK_STRIDE
     height, width = image.shape[:2]
     full = full_image_map(maps, height, width, window * stride, stride)
     shown = image[..., 0] if image.shape[-1] == 1 else image
@@ -123,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     size = member.model.image_size
     q = args.scale or default_scale(size)
     try:
-        dense = evaluate.DenseEvaluator(
+        dense = protocols.DenseEvaluator(
             member.model, member.variables, (q,), flip=False, preprocess=member.preprocess
         )
     except ValueError as e:
@@ -132,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     rescaled, classes, probs, maps = top_class_maps(dense, image, top)
     names = class_names(bundle, args.labels, member.model.num_classes)
     output = args.output or os.path.splitext(os.path.basename(args.image))[0] + "_score_map.png"
-    window = size // evaluate.NETWORK_STRIDE
+    window = size // protocols.NETWORK_STRIDE
     draw(rescaled, [names[c] for c in classes], probs, maps, window, output)
     for c, pr in zip(classes, probs, strict=True):
         print(f"{names[c]}: {100 * pr:.2f}%")

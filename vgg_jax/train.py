@@ -362,17 +362,22 @@ def central_figures(config, data: Data, eval_fn: Callable, mesh, state: TrainSta
 
 
 def dense_figures(config, data: Data, model: models.VGG, state: TrainState) -> dict[str, float]:
-    """The paper's dense multi-scale protocol (evaluate.DenseEvaluator) on the evaluation split.
+    """The paper's dense multi-scale protocol (protocols.DenseEvaluator) on the evaluation split.
 
-    The pipeline's images are already normalised, so the evaluator applies no preprocessing.
+    The batches hold raw pixels in [0, 1]; the evaluator normalises them as training does.
     """
-    from vgg_jax import evaluate
+    from vgg_jax import protocols
 
     scales = tuple(int(q) for q in config.train_eval_scales) or (int(config.eval_scale),)
-    dense = evaluate.DenseEvaluator(
-        model, to_host(loop.variables_of(state)), scales, flip=False, batch_size=8
+    dense = protocols.DenseEvaluator(
+        model,
+        to_host(loop.variables_of(state)),
+        scales,
+        flip=False,
+        preprocess=checkpoints.Preprocessing.from_config(config),
+        batch_size=8,
     )
-    counts = evaluate.ErrorCounts()
+    counts = metrics_lib.ErrorCounts()
     for images, labels, mask in data.dense_batches(config, scales, int(config.eval_batch_size)):
         counts.update(dense.predict(images), labels, mask)
     counts = counts.all_processes()
