@@ -209,7 +209,7 @@ def test_predict_accepts_a_training_workdir(trained, folder):
     assert "1. " in proc.stdout and "2. " in proc.stdout
 
 
-def test_bundle_with_another_channel_count_than_the_data(tmp_path, folder):
+def test_bundle_with_another_channel_or_class_count_than_the_data(tmp_path, folder):
     import jax
     import jax.numpy as jnp
 
@@ -223,7 +223,15 @@ def test_bundle_with_another_channel_count_than_the_data(tmp_path, folder):
     proc = _command("evaluate", "--checkpoint", tmp_path / "m", "--config", folder / "tiny.py",
                     "--scales", "32", "--no-flip")  # fmt: skip
     line = _one_line_failure(proc)
-    assert "conv1_1" in line and "(3, 3, 1, " in line  # names the layer and the shapes
+    assert "takes 1-channel images" in line and "3-channel" in line  # both counts named
+
+    options["num_classes"] = 5  # RGB as the data, but 5 classes where the folder has 2
+    model = models.create_model("vgg11", **options)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    checkpoints.save_bundle(tmp_path / "m5", checkpoints.ModelBundle("vgg11", options, variables))
+    proc = _command("evaluate", "--checkpoint", tmp_path / "m5", "--config", folder / "tiny.py",
+                    "--scales", "32", "--no-flip")  # fmt: skip
+    assert "has 5 classes but the dataset" in _one_line_failure(proc)
 
 
 # ---------------------------------------------------------------------------

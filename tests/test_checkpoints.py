@@ -231,8 +231,9 @@ def test_preprocessing_from_a_config_mapping():
 
 def test_a_bundle_that_does_not_fit_the_data_is_named():
     bundle = make_bundle()  # 10 classes, RGB
-    checkpoints.check_fits_data(bundle, 10, 3, "fake")
+    network = (bundle.name, bundle.num_classes, bundle.variables)
+    checkpoints.check_fits_data(*network, 10, 3, "fake")
     with pytest.raises(ValueError, match=r"vgg11 has 10 classes but imagenet has 1000; evaluate"):
-        checkpoints.check_fits_data(bundle, 1000, 3, "imagenet")
+        checkpoints.check_fits_data(*network, 1000, 3, "imagenet")
     with pytest.raises(ValueError, match=r"takes 3-channel images but fm has 1-channel images"):
-        checkpoints.check_fits_data(bundle, None, 1, "fm")
+        checkpoints.check_fits_data(*network, None, 1, "fm")

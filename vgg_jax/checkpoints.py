@@ -253,19 +253,24 @@ def input_channels(variables: Mapping[str, Any]) -> int:
 
 
 def check_fits_data(
-    bundle: ModelBundle, num_classes: int | None, channels: int | None, data: str
+    name: str,
+    model_classes: int,
+    variables: Mapping[str, Any],
+    num_classes: int | None,
+    channels: int | None,
+    data: str,
 ) -> None:
-    """Raises a ValueError if `bundle` cannot be evaluated on `data` (another class or
-    channel count); None skips a check."""
-    if num_classes is not None and bundle.num_classes != num_classes:
+    """Raises a ValueError if network `name` (its class count and variables) cannot be
+    evaluated on `data` (another class or channel count); None skips a check."""
+    if num_classes is not None and model_classes != num_classes:
         raise ValueError(
-            f"{bundle.name} has {bundle.num_classes} classes but {data} has {num_classes}; "
+            f"{name} has {model_classes} classes but {data} has {num_classes}; "
             "evaluate a model trained (or fine-tuned) on this dataset."
         )
-    have = input_channels(bundle.variables)
+    have = input_channels(variables)
     if channels is not None and have != channels:
         raise ValueError(
-            f"{bundle.name} takes {have}-channel images but {data} has {channels}-channel "
+            f"{name} takes {have}-channel images but {data} has {channels}-channel "
             "images; use a model for this data (`convert --in-channels 1` adapts RGB weights "
             "to greyscale)."
         )

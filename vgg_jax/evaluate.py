@@ -280,7 +280,24 @@ def data_config(args: argparse.Namespace, members: Sequence[protocols.Member]) -
             config.data_dir = args.data_dir
         config.num_classes = members[0].model.num_classes
         config.image_size = min(m.model.image_size for m in members)
+    _check_networks_fit(members, config)
     return config
+
+
+def _check_networks_fit(members: Sequence[protocols.Member], config: Any) -> None:
+    """Every network's class and channel count against the data's (one clear error)."""
+    from vgg_jax import input_pipeline
+
+    source = input_pipeline.get_source(config)
+    for member in members:
+        checkpoints.check_fits_data(
+            member.name,
+            member.model.num_classes,
+            member.variables,
+            source.num_classes,
+            source.channels,
+            f"the dataset {config.dataset!r}",
+        )
 
 
 def dataset_batches(
