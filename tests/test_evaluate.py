@@ -69,11 +69,12 @@ def test_paper_scales():
 # Command-line tools.
 
 
-def save_bundle(path, channels, seed=0, **metadata):
-    model = models.create_model("A", **OPTIONS)
+def save_bundle(path, channels, seed=0, num_classes=None, **metadata):
+    options = {**OPTIONS, **({"num_classes": num_classes} if num_classes else {})}
+    model = models.create_model("A", **options)
     variables = jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, SIZE, SIZE, channels)))
     pre = checkpoints.Preprocessing(mean=(0.3,) * channels, value_range=1.0, std=(0.3,) * channels)
-    bundle = checkpoints.ModelBundle("vgg11", OPTIONS, dict(variables), pre, metadata)
+    bundle = checkpoints.ModelBundle("vgg11", options, dict(variables), pre, metadata)
     return checkpoints.save_bundle(path, bundle)
 
 
@@ -135,7 +136,7 @@ def test_every_example_counted_once_from_an_image_folder(tmp_path):
             folder.mkdir(parents=True, exist_ok=True)
             w, h = [(60, 40), (40, 64), (50, 50), (90, 45)][i % 4]
             Image.fromarray(photos[i % 4]).resize((w, h)).save(folder / f"{i}.jpg")
-    bundle = save_bundle(tmp_path / "m", channels=3)
+    bundle = save_bundle(tmp_path / "m", channels=3, num_classes=2)  # the folder's classes
     output = tmp_path / "r.json"
     argv = f"--checkpoint {bundle} --dataset image_folder --data-dir {tmp_path / 'photos'}"
     evaluate.main([*argv.split(), "--split", "val", "--batch-size", "2", "--scales", "32,40",

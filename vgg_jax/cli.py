@@ -62,18 +62,45 @@ def run(main: Callable[..., Any], *args: Any, **kwargs: Any) -> NoReturn:
     debug = debug_requested()
     if DEBUG_FLAG in sys.argv[1:]:
         sys.argv = [a for a in sys.argv if a != DEBUG_FLAG]
-    hook, handlers = threading.excepthook, _log_handlers()
+    hook, handlers, sys_hook = threading.excepthook, _log_handlers(), sys.excepthook
     if not debug:
         threading.excepthook = _thread_error  # background savers: no traceback either
+        sys.excepthook = _callback_error  # nor Python callbacks of C++ threads (tensorstore)
         for handler in handlers:  # nor in what they log (orbax does)
             handler.addFilter(_without_traceback)
     try:
         result = _call(main, debug, *args, **kwargs)
-    finally:
-        threading.excepthook = hook
-        for handler in handlers:
-            handler.removeFilter(_without_traceback)
+    except SystemExit as e:
+        if not debug and e.code not in (None, 0) and _is_command():
+            _exit_now(e.code)
+        _restore(hook, handlers, sys_hook)
+        raise
+    _restore(hook, handlers, sys_hook)
     sys.exit(result if isinstance(result, int) else 0)
+
+
+def _restore(hook: Callable[..., Any], handlers: list[logging.Handler], sys_hook) -> None:
+    threading.excepthook, sys.excepthook = hook, sys_hook
+    for handler in handlers:
+        handler.removeFilter(_without_traceback)
+
+
+def _is_command() -> bool:
+    """True when this process is a `python -m vgg_jax.X` command (not a test calling run)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return bool(spec and spec.name.startswith("vgg_jax."))
+
+
+def _exit_now(code: Any) -> NoReturn:
+    """Ends a failed command with its one line, without the interpreter's shutdown: the
+    threads of a failed background save (orbax's, their event loops already closed)
+    would print tracebacks while it runs."""
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code if isinstance(code, int) else 1)
 
 
 def _log_handlers() -> list[logging.Handler]:
@@ -109,6 +136,13 @@ def _without_traceback(record: logging.LogRecord) -> bool:
     """A logging filter that keeps a record's message but drops its traceback."""
     record.exc_info, record.exc_text, record.stack_info = None, None, None
     return True
+
+
+def _callback_error(exc_type: type, error: BaseException, tb: Any) -> None:
+    """What a C++ thread's Python callback raised (it reports through sys.excepthook)."""
+    if isinstance(error, RuntimeError) and "Event loop is closed" in str(error):
+        return  # orbax cancelling the tasks of a failed background save: no news
+    print(f"Error in a background thread: {describe(error)}", file=sys.stderr)
 
 
 def _thread_error(args: threading.ExceptHookArgs) -> None:
