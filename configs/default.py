@@ -96,7 +96,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # The training loop (vgg_jax.loop; fields added by the one-loop change).
     # End-of-epoch evaluation: "central" (central crop at eval_scale) or "dense" (the paper's
-    # dense protocol at train_eval_scales, () = eval_scale; evaluate.DenseEvaluator).
+    # dense protocol at train_eval_scales, () = eval_scale; protocols.DenseEvaluator).
     c.train_eval = "central"
     c.train_eval_scales = ()
     # The figure the plateau schedule follows and the one that picks the best checkpoint
