@@ -3,6 +3,8 @@
 import importlib.util
 import os
 
+import pytest
+
 # Must be set before jax is imported anywhere: eight CPU devices let the
 # sharding tests build real meshes on a machine without accelerators.
 _flag = "--xla_force_host_platform_device_count=8"
@@ -17,3 +19,18 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # in whichever test worker already imported TensorFlow, so import it first.
 if importlib.util.find_spec("triton") is not None:
     import triton  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def module_compilation_cache(tmp_path_factory):
+    """A JAX compilation cache of the test module's own, also for its worker subprocesses
+    (VGG_JAX_COMPILATION_CACHE), so runs of the same tiny config compile once."""
+    import jax
+
+    cache = str(tmp_path_factory.mktemp("jax_cache"))
+    old = jax.config.jax_compilation_cache_dir
+    os.environ["VGG_JAX_COMPILATION_CACHE"] = cache
+    jax.config.update("jax_compilation_cache_dir", cache)
+    yield cache
+    jax.config.update("jax_compilation_cache_dir", old)
+    os.environ.pop("VGG_JAX_COMPILATION_CACHE", None)

@@ -28,16 +28,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "train_worker.py")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _compilation_cache(tmp_path_factory):
-    """Runs of the same tiny config (here and in worker subprocesses) compile once."""
-    cache = str(tmp_path_factory.mktemp("jax_cache"))
-    old = jax.config.jax_compilation_cache_dir
-    os.environ["VGG_JAX_COMPILATION_CACHE"] = cache
-    jax.config.update("jax_compilation_cache_dir", cache)
-    yield
-    jax.config.update("jax_compilation_cache_dir", old)
-    os.environ.pop("VGG_JAX_COMPILATION_CACHE", None)
+# Runs of the same tiny config (here and in worker subprocesses) compile once.
+pytestmark = pytest.mark.usefixtures("module_compilation_cache")
 
 
 @pytest.fixture(autouse=True)

@@ -17,12 +17,9 @@ Reproducibility: the dropout key of step s is `fold_in(key(seed), s)` and the
 input pipeline yields the batches of step s from (seed, s) alone, so a resumed
 run repeats an uninterrupted one bit for bit (same device count).
 
-Gradient accumulation (`grad_accum_steps = k`) splits each global batch into k
-micro-batches (rows j*k + i form micro-batch i, so every device keeps its
-share) and averages their gradients: the same update as the unsplit batch,
-except that dropout draws its masks per micro-batch (keys fold_in(step key, i))
-and batch-norm statistics are per micro-batch. With dropout off and no BN the
-update equals the unsplit one to float rounding.
+Gradient accumulation (`grad_accum_steps = k`) averages the gradients of k
+micro-batches of each global batch (`vgg_jax.steps` says how it splits them and
+where it differs from the unsplit update).
 """
 
 from __future__ import annotations
