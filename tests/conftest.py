@@ -34,3 +34,21 @@ def module_compilation_cache(tmp_path_factory):
     yield cache
     jax.config.update("jax_compilation_cache_dir", old)
     os.environ.pop("VGG_JAX_COMPILATION_CACHE", None)
+
+
+# Shared by the input-pipeline tests (test_input_pipeline, test_train_input, test_eval_input):
+# session-wide so that Fashion-MNIST is prepared and the photos are written once.
+@pytest.fixture(scope="session")
+def tfds_dir(tmp_path_factory):
+    """A tfds data_dir holding Fashion-MNIST (built from the IDX files on first use)."""
+    from input_util import fashion_tfds_dir
+
+    return fashion_tfds_dir(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def photo_root(tmp_path_factory):
+    """train/ and val/ class folders of real photos in awkward encodings, plus corrupt files."""
+    from input_util import write_photo_folder
+
+    return write_photo_folder(tmp_path_factory.mktemp("folder"))

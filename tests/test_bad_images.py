@@ -70,9 +70,9 @@ def config_for(root, **overrides):
 
 @pytest.fixture(autouse=True)
 def fresh_sources():
-    ip._cached_source.cache_clear()
+    ip.clear_source_cache()
     yield
-    ip._cached_source.cache_clear()
+    ip.clear_source_cache()
 
 
 def _run(c, steps, start_step=0):
@@ -99,7 +99,7 @@ def test_three_corrupt_of_24_are_skipped_and_counted_once_per_epoch(root, cache,
     c = config_for(root, cache=cache, random_flip=not cache)
     steps = ip.steps_per_epoch(c)
     assert steps == 6  # 24 files // 4: the corrupt ones still count as examples
-    with caplog.at_level(logging.WARNING, logger="vgg_jax.input_pipeline"):
+    with caplog.at_level(logging.WARNING, logger="vgg_jax.train_input"):
         batches, counts = _run(c, 2 * steps)
     for b in batches:
         assert b["image"].shape == (4, 32, 32, 3) and np.isfinite(b["image"]).all()
@@ -168,7 +168,7 @@ def test_eval_skips_counts_and_keeps_every_good_example_once(root, caplog):
         assert sum(len(x) for x in labels) == 7  # the 7 good images, each once
         assert total == 3
     counter = ip.BadImageCounter()
-    with caplog.at_level(logging.WARNING, logger="vgg_jax.input_pipeline"):
+    with caplog.at_level(logging.WARNING, logger="vgg_jax.train_input"):
         full = list(ip.eval_dataset(c, mode="full", process_index=0, process_count=1,
                                     bad_images=counter))  # fmt: skip
     assert sum(int(b["mask"].sum()) for b in full) == 7 and counter.total == 3

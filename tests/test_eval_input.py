@@ -1,0 +1,89 @@
+"""The evaluation stream on real data: each example once over processes, raw pixels, scales."""
+
+import os
+
+import numpy as np
+import pytest
+from input_util import FASHION_DIR, fashion_config, folder_config
+
+from vgg_jax import data_sources, eval_input, input_common
+
+
+def test_fashion_mnist_eval_counts_every_example_once_over_processes(tfds_dir):
+    c = fashion_config(tfds_dir)
+    idx = os.path.join(FASHION_DIR, "t10k-labels-idx1-ubyte.gz")
+    images = data_sources.read_idx(idx.replace("labels-idx1", "images-idx3"), 2051, 10_000)
+    labels = data_sources.read_idx(idx, 2049, 10_000)
+    for count in (1, 2):
+        hist, total, pixel_sum, num_batches = np.zeros(10, int), 0, 0.0, []
+        for index in range(count):
+            batches = list(eval_input.eval_dataset(c, process_index=index, process_count=count))
+            num_batches.append(len(batches))
+            for b in batches:
+                assert b["image"].shape == (96 // count, 32, 32, 1)
+                m = b["mask"]
+                hist += np.bincount(b["label"][m], minlength=10)
+                total += m.sum()
+                pixel_sum += b["image"][m].mean(axis=(1, 2, 3)).sum()
+        assert total == 10_000  # 10000 % 96 (and % 48 per process) leave remainders
+        assert len(set(num_batches)) == 1  # every process runs the same number of steps
+        np.testing.assert_array_equal(hist, np.bincount(labels, minlength=10))
+        # Bilinear upscaling keeps the mean brightness of the real test set.
+        assert abs(pixel_sum / total - images.mean() / 255) < 2e-3
+
+
+def test_image_folder_eval_exact_and_corrupt_file_named(photo_root, tmp_path):
+    c = folder_config(photo_root, eval_batch_size=4)
+    n = input_common.num_examples(c, "val")
+    assert n == 5 * 6
+    for count in (1, 2):
+        labels, steps = [], []
+        for index in range(count):
+            bs = list(eval_input.eval_dataset(c, process_index=index, process_count=count))
+            steps.append(len(bs))
+            labels += [b["label"][b["mask"]] for b in bs]
+        assert len(set(steps)) == 1
+        assert sum(len(x) for x in labels) == n  # 30 = 7 * 4 + 2 and 2 * (7 * 2 + 1)
+    full = list(eval_input.eval_dataset(c, mode="full", scale=40, process_index=0, process_count=1))
+    assert len(full) == n
+    for b in full:
+        assert b["image"].shape[0] == 1 and min(b["image"].shape[1:3]) == 40
+
+    (photo_root / "val" / "coffee" / "zz_broken.jpg").write_bytes(b"\xff\xd8\xff\xe0junk")
+    try:
+        input_common.clear_source_cache()
+        counter = input_common.BadImageCounter()
+        batches = list(
+            eval_input.eval_dataset(c, process_index=0, process_count=1, bad_images=counter)
+        )
+        assert sum(int(b["mask"].sum()) for b in batches) == n  # skipped by default, and counted
+        assert counter.total == 1
+        c.bad_images = "fail"
+        with pytest.raises(ValueError, match="zz_broken.jpg"):
+            list(eval_input.eval_dataset(c, process_index=0, process_count=1))
+    finally:
+        (photo_root / "val" / "coffee" / "zz_broken.jpg").unlink()
+        input_common.clear_source_cache()
+
+
+def test_eval_raw_pixels_at_several_scales_in_one_stream(photo_root):
+    """scales=(...): every example at each Q in one stream, as the single-scale streams give it."""
+    c = folder_config(photo_root, mean_rgb=(100.0, 110.0, 120.0), std_rgb=(50.0, 60.0, 70.0))
+    kw = dict(mode="full", process_index=0, process_count=1)
+    multi = list(eval_input.eval_dataset(c, normalize=False, scales=(32, 40), **kw))
+    assert len(multi) == input_common.num_examples(c, "val") and "image" not in multi[0]
+    for q in (32, 40):
+        single = list(eval_input.eval_dataset(c, scale=q, **kw))
+        for m, s in zip(multi, single, strict=True):
+            raw = m["images"][q]
+            assert min(raw.shape[1:3]) == q and raw.shape == s["image"].shape
+            assert 0.0 <= raw.min() and raw.max() <= 1.0  # raw pixels, not normalised
+            # normalize() of the raw pixels (value_range 255) is the default stream's image.
+            np.testing.assert_allclose(
+                input_common.normalize(raw * 255.0, c), s["image"], atol=1e-4
+            )
+            np.testing.assert_array_equal(m["label"], s["label"])
+    with pytest.raises(ValueError, match="at least one"):
+        eval_input.eval_dataset(c, scales=(), **kw)
+    with pytest.raises(ValueError, match="smaller than image_size"):
+        eval_input.eval_dataset(c, scales=(40, 16), process_index=0, process_count=1)

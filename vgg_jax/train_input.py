@@ -1,0 +1,328 @@
+"""The training stream: this process's share of each global batch, resumable at any step.
+
+`train_dataset(config, *, start_step=0, process_index=None, process_count=None, bad_images=None)`
+    Infinite iterator of `{'image': float32 (B, size, size, C), 'label': int32 (B,)}`
+    with B = config.batch_size // process_count (the trainer assembles global
+    batches with `jax.make_array_from_process_local_data`). Each epoch has
+    exactly `steps_per_epoch(config)` batches (floor of train examples /
+    global batch) on every process. Images get `vgg_jax.augment`'s training
+    preprocessing, then `normalize`.
+    Order and augmentation are a pure function of (config.seed, epoch, process,
+    position in the epoch): `start_step=k` yields exactly what a fresh run yields
+    from step k on, for the same process_count, corrupt files or not. Skipped
+    steps are skipped before decoding. Bad images (config.bad_images): batch b
+    holds the records at positions [bB, (b+1)B) of its epoch; with "skip" (the
+    default) one that cannot be decoded is replaced by the next decodable record
+    of [(b+1)B, (b+2)B) and counted exactly once per epoch, in `bad_images` (a
+    `BadImageCounter`, updated before each batch is yielded) and in one warning
+    at each epoch's end; "fail" raises an error naming the file. Training stops
+    (RuntimeError, one line) only when a batch cannot be filled.
+
+`config.cache=True` (small datasets such as Fashion-MNIST): this process's
+training share is decoded, rescaled to S = image_size, centre-cropped and
+normalised once, held in memory as float32, and served as batches of a
+per-epoch permutation (a function of seed, epoch and process, so resuming is
+exact). Only for a fixed preprocessing: with scale jittering, random crops,
+flips or colour shift it is a ValueError. Saves the per-epoch decoding, which
+on 2 CPU cores competes with the train step for the same cores. Undecodable
+files are left out (or, with bad_images="fail", an error) and counted at each
+epoch's first step; the permutation is read cyclically to fill the epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import numpy as np
+import tensorflow as tf
+
+from vgg_jax.augment import Augment, train_preprocess
+from vgg_jax.input_common import (
+    BadImageCounter,
+    Batch,
+    bad_image_policy,
+    channel_stats,
+    check_bad_images,
+    check_source,
+    eval_preprocess,
+    get_source,
+    local_batch_size,
+    normalize,
+    num_examples,
+    process_share,
+    record_names,
+    shown_names,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _log_epoch(epoch: int, pi: int, counter: BadImageCounter) -> None:
+    log.warning(
+        "Epoch %d, process %d: skipped %d training image(s) that could not be decoded "
+        "(%d in all so far).",
+        epoch,
+        pi,
+        counter.epoch_count,
+        counter.total,
+    )
+
+
+def steps_per_epoch(config) -> int:
+    """Training steps per epoch: floor(train examples / global batch size)."""
+    n = num_examples(config, config.train_split)
+    steps = n // config.batch_size
+    if steps == 0:
+        raise ValueError(
+            f"Training split has {n} examples, fewer than one batch of {config.batch_size}; "
+            "lower config.batch_size."
+        )
+    return steps
+
+
+def _epoch_seed(seed: int, epoch: int, process_index: int) -> int:
+    """A 63-bit seed for one process's epoch (shuffle order)."""
+    state = np.random.SeedSequence([seed, epoch, process_index]).generate_state(2, np.uint64)
+    return int(state[0] >> np.uint64(1))
+
+
+def _example_seed(seed: int, epoch: int, process_index: int, position: tf.Tensor) -> tf.Tensor:
+    """Stateless-op seed of one example: a function of (seed, epoch, process, position)."""
+    base = tf.constant([seed, epoch * 65_536 + process_index], tf.int64)
+    return tf.random.experimental.stateless_fold_in(base, position)
+
+
+# Seed offset for a record borrowed into the batch before its own: its augmentation then
+# differs from the one it gets in its own batch.
+_BORROWED = 1 << 40
+
+
+def _chunk_pairs(records: tf.data.Dataset, skip: int, local_batch: int) -> tf.data.Dataset:
+    """(chunk b, chunk b + 1) of the epoch's encoded records, chunk b = positions [bB, (b+1)B).
+
+    A second pass of the records follows the first, so the last batch has a successor.
+    Records are only read here (never decoded), so skipped steps cost no decoding.
+    """
+    flat = records.repeat(2).enumerate().skip(skip * local_batch)
+    chunks = flat.map(lambda p, ex: {**ex, "position": p}).batch(local_batch, drop_remainder=True)
+    empty = tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), chunks.element_spec)
+    pairs = chunks.scan(empty, lambda prev, cur: (cur, (prev, cur)))
+    return pairs.skip(1)
+
+
+def _train_epoch(config, source, aug, epoch, skip, steps, pi, pc, local_batch) -> tf.data.Dataset:
+    """This process's batches of one epoch, starting `skip` batches in.
+
+    Batch b holds the records at positions [bB, (b+1)B) of the epoch's order, B =
+    local_batch. A record that cannot be decoded is replaced by the next decodable
+    record of positions [(b+1)B, (b+2)B), decoded with another augmentation seed,
+    so each batch is a function of (seed, epoch, b) and the data alone: resuming
+    at any step is exact with corrupt files too. Each element also carries the
+    positions it used ('position') and the names of all its candidates ('names')
+    for counting; a batch with fewer than B rows could not be filled.
+    """
+    shuffle_seed = _epoch_seed(config.seed, epoch, pi)
+    records = source.records(config.train_split, pi, pc, shuffle_seed, config.shuffle_buffer)
+    num_classes = config.num_classes
+
+    def preprocess(ex):
+        own = ex["position"] < ex["limit"]
+        position = tf.where(own, ex["position"], ex["position"] + _BORROWED)
+        seed = _example_seed(config.seed, epoch, pi, position)
+        image = train_preprocess(ex["image"], seed, aug, config)
+        return {"image": image, "label": ex["label"], "position": ex["position"]}
+
+    def fill(prev, cur):
+        candidates = tf.nest.map_structure(lambda a, b: tf.concat([a, b], 0), prev, cur)
+        limit = prev["position"][0] + local_batch
+        rows = tf.data.Dataset.from_tensor_slices(candidates)
+        # Sequential map: a borrowed record is decoded only when an own one failed.
+        rows = rows.map(lambda ex: preprocess({**ex, "limit": limit})).ignore_errors()
+        batch = rows.take(local_batch).batch(local_batch)
+        spec = batch.element_spec
+        empty = tf.nest.map_structure(lambda s: tf.zeros([0, *s.shape[1:]], s.dtype), spec)
+        batch = batch.concatenate(tf.data.Dataset.from_tensors(empty)).take(1)
+        return batch.map(lambda b: {**b, "names": candidates["name"]})
+
+    def check_label(ex):
+        label = tf.cast(ex["label"], tf.int32)
+        tf.debugging.assert_less(
+            label, num_classes, message="label out of range: set config.num_classes > label"
+        )
+        tf.debugging.assert_non_negative(label, message="negative label")
+        return {**ex, "label": label}
+
+    pairs = _chunk_pairs(records, skip, local_batch).take(steps - skip)
+    ds = pairs.interleave(
+        fill, cycle_length=tf.data.AUTOTUNE, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+    )
+    return ds.map(check_label).prefetch(tf.data.AUTOTUNE)
+
+
+def _bad_names(batch: Batch, b: int, local_batch: int, steps: int, shard: int) -> list[str]:
+    """Names of the undecodable records a batch skipped, each counted by exactly one batch.
+
+    Batch b counts its own positions [bB, (b+1)B) that it did not use; the last batch
+    also counts the records of the epoch's tail [steps*B, shard) that it tried. Records
+    of the next batch that failed as substitutes are left for that batch to count.
+    """
+    used = set(batch["position"].tolist())
+    first = b * local_batch
+    tried_end = max(used) + 1 if len(used) == local_batch else first + 2 * local_batch
+    own_end = first + local_batch
+    if b == steps - 1:
+        own_end = max(own_end, min(tried_end, shard))
+    names = batch["names"]
+    return [names[p - first].decode() for p in range(first, own_end) if p not in used]
+
+
+def train_dataset(
+    config,
+    *,
+    start_step: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    bad_images: BadImageCounter | None = None,
+) -> Iterator[Batch]:
+    """Infinite iterator over this process's share of each global training batch.
+
+    `bad_images` (optional) is updated before each batch is yielded.
+    """
+    counter = BadImageCounter() if bad_images is None else bad_images
+    bad_image_policy(config)
+    pi, pc = process_share(process_index, process_count)
+    local_batch = local_batch_size(config.batch_size, pc, "batch_size")
+    source = get_source(config)
+    check_source(config, source, config.train_split)
+    channel_stats(config, source.channels)
+    aug = Augment.from_config(config, source.channels, config.get("decode_crop", True))
+    steps = steps_per_epoch(config)
+    if start_step < 0:
+        raise ValueError(f"start_step must be >= 0, got {start_step}.")
+    if config.cache:
+        images, labels, bad = _in_memory(config, source, aug, pi, pc)
+        return _memory_iterator(
+            config.seed, images, labels, start_step, steps, pi, local_batch, bad, counter
+        )
+    return _train_iterator(config, source, aug, start_step, steps, pi, pc, local_batch, counter)
+
+
+def _train_iterator(config, source, aug, start_step, steps, pi, pc, local_batch, counter):
+    epoch, skip = divmod(start_step, steps)
+    shard = source.shard_sizes(config.train_split, pc)[pi]
+    while True:
+        ds = _train_epoch(config, source, aug, epoch, skip, steps, pi, pc, local_batch)
+        for b, batch in enumerate(ds.as_numpy_iterator(), start=skip):
+            bad = _bad_names(batch, b, local_batch, steps, shard)
+            check_bad_images(config, bad, "Training")
+            if len(batch["label"]) < local_batch:
+                raise RuntimeError(
+                    f"Epoch {epoch}, step {epoch * steps + b}, process {pi}: only "
+                    f"{len(batch['label'])} of {2 * local_batch} training images around this "
+                    f"batch decode, fewer than its {local_batch}; too many files are corrupt or "
+                    "unreadable (check the data in config.data_dir)."
+                )
+            counter.add(epoch, bad)
+            if b == steps - 1 and counter.epoch_count:
+                _log_epoch(epoch, pi, counter)
+            yield {"image": batch["image"], "label": batch["label"]}
+        epoch, skip = epoch + 1, 0
+
+
+# ---------------------------------------------------------------------------
+# In-memory training set (config.cache): preprocessed once, shuffled per epoch.
+
+_MEMORY: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _check_cacheable(aug: Augment) -> None:
+    """config.cache stores each image preprocessed once: only for a fixed preprocessing."""
+    varying = []
+    if not aug.scale_min == aug.scale_max == aug.size:
+        varying.append("random crops/scale jittering (train_scale_min/max != image_size)")
+    if aug.flip:
+        varying.append("random flips (random_flip)")
+    if aug.color_shift > 0 and aug.channels == 3:
+        varying.append("colour shift (color_shift)")
+    if varying:
+        raise ValueError(
+            "config.cache keeps every training image preprocessed once, but this config "
+            f"changes images every epoch: {', '.join(varying)}. Set cache=False, or fix "
+            "those augmentations."
+        )
+
+
+def _in_memory(config, source, aug: Augment, pi: int, pc: int):
+    """This process's training share, rescaled to S = image_size, centre-cropped, normalised.
+
+    Returns (images, labels, names of the files that could not be decoded).
+    """
+    _check_cacheable(aug)
+    key = (
+        config.dataset, config.data_dir, config.get("manual_dir", ""), tuple(config.classes),
+        config.train_split, pi, pc, aug, config.value_range, tuple(config.mean_rgb),
+        tuple(config.std_rgb),
+    )  # fmt: skip
+    if key not in _MEMORY:
+        _MEMORY.clear()  # one training set at a time
+        records = source.records(config.train_split, pi, pc, None, 0)
+
+        def preprocess(position, ex):
+            image = eval_preprocess(ex["image"], aug.channels, aug.size, aug.size, aug.method)
+            return normalize(image, config), tf.cast(ex["label"], tf.int32), position
+
+        ds = records.enumerate().map(
+            preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+        )
+        images, labels, kept = [], [], []
+        for image, label, position in ds.ignore_errors().batch(1024).as_numpy_iterator():
+            images.append(image)
+            labels.append(label)
+            kept.append(position)
+        empty = (np.zeros((0, aug.size, aug.size, aug.channels), np.float32), np.zeros(0, np.int32))
+        images_np = np.concatenate(images) if images else empty[0]
+        labels_np = np.concatenate(labels) if labels else empty[1]
+        if labels_np.size and not 0 <= labels_np.min() <= labels_np.max() < config.num_classes:
+            raise ValueError(
+                f"Training labels span {labels_np.min()}..{labels_np.max()}: set "
+                "config.num_classes > the largest label."
+            )
+        shard = source.shard_sizes(config.train_split, pc)[pi]
+        found = set(np.concatenate(kept).tolist()) if kept else set()
+        bad = record_names(records, sorted(set(range(shard)) - found))
+        check_bad_images(config, bad, "Training")
+        if bad:
+            log.warning(
+                "Process %d: skipped %d training image(s) that could not be decoded (in "
+                "every epoch): %s", pi, len(bad), shown_names(bad),
+            )  # fmt: skip
+        _MEMORY[key] = (images_np, labels_np, bad)  # float32 already: normalize() returns it
+        log.info("Cached %d training images (%.0f MiB).", len(labels_np), images_np.nbytes / 2**20)
+    return _MEMORY[key]
+
+
+def _memory_iterator(
+    seed, images, labels, start_step, steps, pi, local_batch, bad, counter
+) -> Iterator[Batch]:
+    """Batches of a per-epoch permutation that depends only on (seed, epoch, process).
+
+    With undecodable files there are fewer images than steps * local_batch: the
+    permutation is then read cyclically (its first images serve twice). The
+    skipped files are counted at each epoch's first step.
+    """
+    if len(labels) < local_batch:
+        raise RuntimeError(
+            f"Process {pi}: only {len(labels)} decodable training images in memory, fewer than "
+            f"one batch of {local_batch}; too many files are corrupt or unreadable."
+        )
+    epoch, skip = divmod(start_step, steps)
+    while True:
+        order = np.random.default_rng(_epoch_seed(seed, epoch, pi)).permutation(len(labels))
+        for b in range(skip, steps):
+            rows = order[np.arange(b * local_batch, (b + 1) * local_batch) % len(labels)]
+            counter.add(epoch, bad if b == 0 else [])
+            if b == steps - 1 and counter.epoch_count:
+                _log_epoch(epoch, pi, counter)
+            yield {"image": images[rows], "label": labels[rows]}
+        epoch, skip = epoch + 1, 0
