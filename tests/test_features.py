@@ -9,7 +9,7 @@ import pytest
 import skimage.data
 from weights_util import random_variables
 
-from vgg_jax import checkpoints, convert, imagenet_classes, models
+from vgg_jax import checkpoints, convert_keras, imagenet_classes, models
 from vgg_jax.features import (
     default_perceptual_layers,
     features,
@@ -23,7 +23,7 @@ WIDTHS = (64, 128, 256, 512, 512)  # VGG's conv widths per stage (PAPER.md, Tabl
 def tiny(name: str = "vgg16", image_size: int = 32) -> checkpoints.ModelBundle:
     options = dict(num_classes=10, width_divisor=16, fc_width=32, image_size=image_size)
     variables = random_variables(models.create_model(name, **options), seed=1)
-    return checkpoints.ModelBundle(name, options, variables, convert.KERAS_PREPROCESSING)
+    return checkpoints.ModelBundle(name, options, variables, convert_keras.KERAS_PREPROCESSING)
 
 
 def photo(h: int = 48, w: int = 72) -> np.ndarray:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+import skimage.data
+from PIL import Image
 
 from vgg_jax import checkpoints, models
 
@@ -20,3 +22,32 @@ def random_variables(model: models.VGG, seed: int = 0) -> dict:
         return (rng.standard_normal(leaf.shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
 
     return jax.tree_util.tree_map_with_path(fill, dict(shapes))
+
+
+def photos(size: int = 224) -> np.ndarray:
+    """Real photographs, resized to size x size: uint8 (N, size, size, 3)."""
+    out = []
+    for name in ("chelsea", "coffee", "astronaut"):
+        img = Image.fromarray(getattr(skimage.data, name)()).resize((size, size), Image.BILINEAR)
+        out.append(np.asarray(img))
+    return np.stack(out)
+
+
+def logits(bundle: checkpoints.ModelBundle, pixels_uint8: np.ndarray) -> np.ndarray:
+    x = bundle.preprocessing(pixels_uint8.astype(np.float32) / 255.0)
+    return np.asarray(jax.jit(bundle.model.apply)(bundle.variables, x))
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def top5(x: np.ndarray) -> np.ndarray:
+    return np.argsort(-x, axis=-1)[:, :5]
+
+
+def tiny_bundle(name: str, image_size: int = 32) -> checkpoints.ModelBundle:
+    """A narrow random bundle (width_divisor 16, fc_width 32, 10 classes)."""
+    options = dict(num_classes=10, width_divisor=16, fc_width=32, image_size=image_size)
+    model = models.create_model(name, **options)
+    return checkpoints.ModelBundle(name, options, random_variables(model))
