@@ -81,6 +81,10 @@ def steps_per_epoch(config) -> int:
     return steps
 
 
+# ---------------------------------------------------------------------------
+# Streaming: one tf.data pipeline per epoch, a function of (seed, epoch, process).
+
+
 def _epoch_seed(seed: int, epoch: int, process_index: int) -> int:
     """A 63-bit seed for one process's epoch (shuffle order)."""
     state = np.random.SeedSequence([seed, epoch, process_index]).generate_state(2, np.uint64)
