@@ -168,7 +168,7 @@ def test_eval_skips_counts_and_keeps_every_good_example_once(root, caplog):
         assert sum(len(x) for x in labels) == 7  # the 7 good images, each once
         assert total == 3
     counter = ip.BadImageCounter()
-    with caplog.at_level(logging.WARNING, logger="vgg_jax.train_input"):
+    with caplog.at_level(logging.WARNING, logger="vgg_jax.eval_input"):
         full = list(ip.eval_dataset(c, mode="full", process_index=0, process_count=1,
                                     bad_images=counter))  # fmt: skip
     assert sum(int(b["mask"].sum()) for b in full) == 7 and counter.total == 3
