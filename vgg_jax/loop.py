@@ -230,8 +230,6 @@ def last_good_step(saved: list[int], window_start: int) -> int | None:
 
 def set_aside_diverged(workdir: str, steps: list[int]) -> str:
     """Moves the checkpoints of `steps` into workdir/diverged/ (kept, not deleted)."""
-    import shutil
-
     target = fileio.join(workdir, DIVERGED_DIR)
     fileio.makedirs(target)
     for step in steps:
@@ -240,12 +238,7 @@ def set_aside_diverged(workdir: str, steps: list[int]) -> str:
         n = 1
         while fileio.exists(dest):
             dest, n = fileio.join(target, f"{step}.{n}"), n + 1
-        if fileio.is_url(source):
-            import tensorflow as tf
-
-            tf.io.gfile.rename(source, dest)
-        else:
-            shutil.move(source, dest)
+        fileio.move_tree(source, dest)
     return target
 
 
