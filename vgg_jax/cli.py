@@ -42,7 +42,7 @@ DEBUG_FLAG = "--debug"
 HOW_TO_DEBUG = f"run with {DEBUG_FLAG} or {DEBUG_ENV}=1 for the traceback"
 _TRACEBACK = "Traceback (most recent call last):"
 _NO_SPACE = "No space left on device"
-_ORBAX = f"{os.sep}orbax{os.sep}"  # in the path of orbax's modules (its log records')
+_ORBAX = f"{os.sep}orbax{os.sep}"  # in the path of orbax's modules, so of their log records
 
 
 def _expected() -> tuple[type[BaseException], ...]:
@@ -188,7 +188,7 @@ def _callback_error(exc_type: type, error: BaseException, tb: Any) -> None:
 def _unraisable_error(unraisable: Any) -> None:
     """What a C++ callback could not raise anywhere (tensorstore's, through sys.unraisablehook)."""
     error = unraisable.exc_value
-    if isinstance(error, RuntimeError) and "Event loop is closed" in str(error):
+    if error is None or isinstance(error, RuntimeError) and "Event loop is closed" in str(error):
         return  # a future of a failed background save finishing after orbax gave up on it
     where = f" in {unraisable.object!r}" if unraisable.object is not None else ""
     print(f"Error ignored{where}: {describe(error)}", file=sys.stderr)
