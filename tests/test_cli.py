@@ -126,11 +126,7 @@ def _late_tensorstore_future():
     promise, future = ts.Promise.new()
 
     async def start():
-        async def wait():
-            await future
-
-        asyncio.get_running_loop().create_task(wait())
-        await asyncio.sleep(0)
+        next(future.__await__())  # awaited, as by a task that never resumes
 
     loop = asyncio.new_event_loop()
     loop.run_until_complete(start())
