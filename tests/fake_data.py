@@ -16,7 +16,9 @@ CHANNELS = 3
 NUM_TRAIN = 256
 NUM_EVAL = 20
 NAN_AT_STEP = -1  # a test sets it to put a NaN into one batch
-BAD_PER_STEP = 0  # undecodable images each training batch reports (bad_images counter)
+# Undecodable images each training batch reports (bad_images counter): BAD_PER_STEP x
+# (process index + 1), so that each process of a multi-host run counts its own share.
+BAD_PER_STEP = int(os.environ.get("FAKE_DATA_BAD_PER_STEP", "0"))
 SLEEP = float(os.environ.get("FAKE_DATA_SLEEP", "0"))  # seconds per batch, for kill tests
 
 
@@ -55,7 +57,7 @@ def train_dataset(
             time.sleep(SLEEP)
         rows = slice(pi * local, (pi + 1) * local)
         if bad_images is not None:  # as input_pipeline reports skipped files, per batch
-            names = [f"bad-{step}-{i}.jpg" for i in range(BAD_PER_STEP)]
+            names = [f"bad-{step}-{pi}-{i}.jpg" for i in range(BAD_PER_STEP * (pi + 1))]
             bad_images.add(step // steps_per_epoch(config), names)
         yield {"image": images[rows], "label": labels[rows]}
         step += 1

@@ -176,3 +176,23 @@ def test_eval_skips_counts_and_keeps_every_good_example_once(root, caplog):
     with pytest.raises(ValueError, match=r"Evaluation image .*(garbage|truncated)"):
         list(ip.eval_dataset(config_for(root, bad_images="fail"), process_index=0,
                              process_count=1))  # fmt: skip
+
+
+def test_each_process_resumes_its_own_share_of_the_counts():
+    counters = [ip.BadImageCounter(epoch=2, epoch_count=n, total=10 * n) for n in (1, 3)]
+    saved = counters[0].saved(np.array([[c.epoch_count, c.total] for c in counters]))
+    assert (saved["epoch"], saved["epoch_count"], saved["total"]) == (2, 4, 40)
+    for index, own in ((0, (1, 10)), (1, (3, 30))):  # as many processes: each its own share
+        counter = ip.BadImageCounter()
+        counter.resume(saved, index, 2)
+        assert (counter.epoch, counter.epoch_count, counter.total) == (2, *own)
+    # Another process count: process 0 takes the run's counts, so their sum stays 40.
+    resumed = [ip.BadImageCounter() for _ in range(3)]
+    for index, counter in enumerate(resumed):
+        counter.resume(saved, index, 3)
+    assert [(c.epoch_count, c.total) for c in resumed] == [(4, 40), (0, 0), (0, 0)]
+    # A checkpoint of an earlier version kept one process's counts, without "processes".
+    earlier = {"epoch": 1, "epoch_count": 5, "total": 7}
+    counter = ip.BadImageCounter()
+    counter.resume(earlier, 0, 1)
+    assert (counter.epoch, counter.epoch_count, counter.total) == (1, 5, 7)

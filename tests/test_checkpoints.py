@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vgg_jax import checkpoints, models
+from vgg_jax import checkpoints, fileio, models
 
 OPTIONS = dict(num_classes=10, width_divisor=16, fc_width=32, image_size=32)
 
@@ -174,6 +174,20 @@ def test_damaged_newest_step_falls_back_to_the_previous_one(run_dir, damage):
     assert "moved to damaged/checkpoints-30; using 20" in lines[0]
     assert mgr.all_steps() == [10, 20]
     assert (run_dir / "damaged" / "checkpoints-30" / "state").is_dir()
+
+
+def test_damaged_step_of_a_url_workdir_is_copied_aside_then_deleted(run_dir, monkeypatch):
+    _flip_bytes(run_dir / "checkpoints" / "30")
+    mgr = checkpoints.state_manager(str(run_dir), keep=5)
+    files = sorted(p.relative_to(run_dir / "checkpoints" / "30")
+                   for p in (run_dir / "checkpoints" / "30").rglob("*"))  # fmt: skip
+    monkeypatch.setattr(fileio, "is_url", lambda path: True)  # gs://'s code path (tf.io.gfile)
+    lines = []
+    assert checkpoints.newest_intact_step(mgr, str(run_dir), lines.append) == 20
+    assert "moved to damaged/checkpoints-30; using 20" in lines[0]
+    assert mgr.all_steps() == [10, 20]
+    moved = run_dir / "damaged" / "checkpoints-30"
+    assert sorted(p.relative_to(moved) for p in moved.rglob("*")) == files  # every file kept
 
 
 def test_all_steps_damaged_is_one_clear_error_and_nothing_moves(run_dir):

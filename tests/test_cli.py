@@ -3,6 +3,7 @@
 import errno
 import logging
 import sys
+import threading
 
 import pytest
 
@@ -113,3 +114,63 @@ def test_int_results_are_exit_codes_and_logged_tracebacks_dropped(monkeypatch, c
         logging.getLogger().removeHandler(handler)
     err = capsys.readouterr().err
     assert "a thread failed" in err and "Traceback" not in err
+
+
+def _late_tensorstore_future():
+    """What a failed background save leaves: a tensorstore future, awaited on an event loop
+    that is closed already, finishes (its callback cannot reach the loop)."""
+    import asyncio
+
+    import tensorstore as ts
+
+    promise, future = ts.Promise.new()
+
+    async def start():
+        next(future.__await__())  # awaited, as by a task that never resumes
+
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(start())
+    loop.close()
+    thread = threading.Thread(target=promise.set_result, args=(1,))
+    thread.start()
+    thread.join()
+
+
+def _orbax_error_record(message):
+    record = logging.LogRecord("absl", logging.ERROR, "/x/orbax/checkpoint/f.py", 1, message,
+                               None, None)  # fmt: skip
+    logging.getLogger("absl").handle(record)
+
+
+def test_failed_background_save_prints_nothing_but_the_one_line(monkeypatch, capfd):
+    monkeypatch.setattr(sys, "argv", ["prog"])
+    monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)  # not pytest's
+    handler = logging.StreamHandler(sys.stderr)
+    logging.getLogger().addHandler(handler)
+    try:
+
+        def main():
+            _late_tensorstore_future()
+            _orbax_error_record("background save thread failed")
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        line = _exit_line(main, capfd)
+        assert line.startswith("Error: no space left on device")
+        err = capfd.readouterr().err
+        assert "Traceback" not in err and "Event loop is closed" not in err
+        assert "background save thread failed" not in err  # the one line says it
+        # A command that ends well shows orbax's errors after all: nothing is lost.
+        with pytest.raises(SystemExit):
+            cli.run(lambda: _orbax_error_record("a recovered error"))
+        assert "a recovered error" in capfd.readouterr().err
+        monkeypatch.setenv(cli.DEBUG_ENV, "1")  # --debug: everything as it comes
+        hooks = sys.unraisablehook, sys.excepthook, threading.excepthook
+        with pytest.raises(SystemExit):
+            cli.run(lambda: _orbax_error_record("shown at once"))
+        assert "shown at once" in capfd.readouterr().err
+        seen = []
+        with pytest.raises(SystemExit):
+            cli.run(lambda: seen.append((sys.unraisablehook, sys.excepthook, threading.excepthook)))
+        assert seen == [hooks]
+    finally:
+        logging.getLogger().removeHandler(handler)

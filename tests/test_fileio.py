@@ -56,3 +56,18 @@ def test_metrics_curves_and_run_config_on_a_url(url_dir):
 
     fileio.write_text_atomic(fileio.join(url_dir, checkpoints.CONFIG_FILE), json.dumps({"a": 1}))
     assert checkpoints.read_run_config(url_dir) == {"a": 1}
+
+
+@pytest.mark.parametrize("where", ["local", "url"])
+def test_move_tree_moves_every_file(where, tmp_path, url_dir):
+    root = str(tmp_path) if where == "local" else url_dir
+    source = fileio.join(root, "checkpoints", "30")
+    fileio.makedirs(fileio.join(source, "state", "d"))
+    fileio.write_text_atomic(fileio.join(source, "_CHECKPOINT_METADATA"), "{}")
+    fileio.write_text_atomic(fileio.join(source, "state", "d", "ab12"), "data")
+    fileio.makedirs(fileio.join(root, "damaged"))
+    target = fileio.join(root, "damaged", "checkpoints-30")
+    fileio.move_tree(source, target)
+    assert not fileio.exists(source) and fileio.isdir(fileio.join(root, "checkpoints"))
+    assert fileio.read_text(fileio.join(target, "state", "d", "ab12")) == "data"
+    assert fileio.read_text(fileio.join(target, "_CHECKPOINT_METADATA")) == "{}"

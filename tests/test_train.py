@@ -337,10 +337,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _saved_bad_images(workdir, step):
+    with open(workdir / "checkpoints" / str(step) / "meta" / "metadata") as f:
+        return json.load(f)["bad_images"]
+
+
 def test_two_processes_match_one(tmp_path, dp8_run):
     run = dict(num_devices=0, max_steps=4)
     port = _free_port()
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    # Process i reports i + 1 undecodable images per batch: 1 + 2 per step in all.
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "FAKE_DATA_BAD_PER_STEP": "1"}
     procs = [
         _worker(
             tmp_path / "multi",
@@ -360,6 +366,12 @@ def test_two_processes_match_one(tmp_path, dp8_run):
         assert p.returncode == 0, out
     np.testing.assert_allclose(_losses(tmp_path / "single"), _losses(tmp_path / "multi"), rtol=1e-5)
     _assert_trees_close(_params(tmp_path / "single"), _params(tmp_path / "multi"))
+    # Skipped images: summed over the processes in metrics.jsonl, each one's share kept.
+    records = metrics.read_metrics(str(tmp_path / "multi"))
+    assert [r for r in records if "bad_images_total" in r][-1]["bad_images_total"] == 12
+    saved = _saved_bad_images(tmp_path / "multi", 4)
+    assert saved["processes"] == [[4, 4], [8, 8]] and saved["total"] == 12, saved
+    # Each process resumes its share: test_bad_images.py (the wiring: test_loop.py's resumes).
 
 
 def test_metrics_file_and_curves(tmp_path):

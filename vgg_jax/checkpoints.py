@@ -473,13 +473,17 @@ def verify_step(workdir: str, step: int, kind: str = STATE_DIR) -> str | None:
 
 
 def _set_aside(workdir: str, step: int) -> str:
-    """Moves damaged step `step` to workdir/damaged/ (a local move); returns where to."""
-    target = fileio.join(workdir, DAMAGED_DIR, f"{STATE_DIR}-{step}")
-    if fileio.exists(target):
-        target += time.strftime("-%Y%m%dT%H%M%S")
+    """Moves damaged step `step` to workdir/damaged/; returns where to, relative to workdir.
+
+    On a URL (gs://) that is a copy of every file, then the step's deletion (fileio.move_tree).
+    """
+    name = f"{STATE_DIR}-{step}"
+    if fileio.exists(fileio.join(workdir, DAMAGED_DIR, name)):
+        name += time.strftime("-%Y%m%dT%H%M%S")
     fileio.makedirs(fileio.join(workdir, DAMAGED_DIR))
-    os.rename(fileio.join(workdir, STATE_DIR, str(step)), target)
-    return os.path.relpath(target, workdir)
+    target = fileio.join(workdir, DAMAGED_DIR, name)
+    fileio.move_tree(fileio.join(workdir, STATE_DIR, str(step)), target)
+    return f"{DAMAGED_DIR}/{name}"
 
 
 def _print_err(line: str) -> None:
@@ -497,9 +501,9 @@ def newest_intact_step(
     Damaged steps (newer than the one returned) are each reported in one line, e.g.
     "checkpoint 40 is damaged (checkpoints/40/state/d/ab: checksum mismatch); moved to
     damaged/checkpoints-40; using 30". With `set_aside` (the trainer's case) a damaged step
-    of a local workdir is moved to workdir/damaged/ (so training can write that step again)
+    is moved to workdir/damaged/ (so that training can write that step again)
     and `manager` reloaded; nothing is ever deleted. Readers pass set_aside=False. On a URL
-    damaged steps stay where they are.
+    (gs://, no directory rename) the move copies the step's files, then deletes the step.
 
     Raises:
       ValueError: every saved step is damaged (each is named; nothing was moved).
@@ -520,7 +524,7 @@ def newest_intact_step(
             + ". Nothing was deleted: restore them from a copy, or move that directory away "
             "to train from the start."
         )
-    moving = set_aside and damaged and not fileio.is_url(workdir)
+    moving = set_aside and damaged
     for step, reason in damaged:
         where = "left in place"
         if moving:

@@ -19,6 +19,10 @@ exit status 1, never a traceback:
 * anything else as "Error: <type>: <message> (at FILE:LINE)" and how to see the
   traceback: the `--debug` flag (taken out of argv before the command parses it)
   or VGG_JAX_DEBUG=1, with which the exception is raised as it is.
+
+Without --debug, what background threads print while the command runs (a failed
+background save: orbax's threads, tensorstore's callbacks, orbax's logged errors)
+is one line or nothing, so that a full disk ends in the one line above only.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ DEBUG_FLAG = "--debug"
 HOW_TO_DEBUG = f"run with {DEBUG_FLAG} or {DEBUG_ENV}=1 for the traceback"
 _TRACEBACK = "Traceback (most recent call last):"
 _NO_SPACE = "No space left on device"
+_ORBAX = f"{os.sep}orbax{os.sep}"  # in the path of orbax's modules, so of their log records
 
 
 def _expected() -> tuple[type[BaseException], ...]:
@@ -62,27 +67,62 @@ def run(main: Callable[..., Any], *args: Any, **kwargs: Any) -> NoReturn:
     debug = debug_requested()
     if DEBUG_FLAG in sys.argv[1:]:
         sys.argv = [a for a in sys.argv if a != DEBUG_FLAG]
-    hook, handlers, sys_hook = threading.excepthook, _log_handlers(), sys.excepthook
-    if not debug:
-        threading.excepthook = _thread_error  # background savers: no traceback either
-        sys.excepthook = _callback_error  # nor Python callbacks of C++ threads (tensorstore)
-        for handler in handlers:  # nor in what they log (orbax does)
-            handler.addFilter(_without_traceback)
+    quiet = None if debug else _QuietBackground()
     try:
         result = _call(main, debug, *args, **kwargs)
     except SystemExit as e:
-        if not debug and e.code not in (None, 0) and _is_command():
-            _exit_now(e.code)
-        _restore(hook, handlers, sys_hook)
+        failed = e.code not in (None, 0)
+        if quiet and failed and _is_command():
+            _exit_now(e.code)  # the hooks stay: background threads may still be failing
+        if quiet:
+            quiet.close(show_held=not failed)
         raise
-    _restore(hook, handlers, sys_hook)
+    if quiet:
+        quiet.close(show_held=True)
     sys.exit(result if isinstance(result, int) else 0)
 
 
-def _restore(hook: Callable[..., Any], handlers: list[logging.Handler], sys_hook) -> None:
-    threading.excepthook, sys.excepthook = hook, sys_hook
-    for handler in handlers:
-        handler.removeFilter(_without_traceback)
+class _QuietBackground:
+    """What background threads would print while a command runs without --debug.
+
+    A failed background save (orbax's) prints from several places: its threads
+    (threading.excepthook), tensorstore's callbacks into event loops that orbax closed
+    already ("Event loop is closed", through sys.unraisablehook, or sys.excepthook where
+    tensorstore calls PyErr_Print) and orbax's logged errors. Orbax raises the failure
+    again in the main thread, where it becomes the command's one line; so its logged
+    errors are held back until the command ends: dropped if it fails, shown if it ends
+    well. Tracebacks in any other log record are dropped.
+    """
+
+    def __init__(self) -> None:
+        self._hooks = threading.excepthook, sys.excepthook, sys.unraisablehook
+        threading.excepthook = _thread_error
+        sys.excepthook = _callback_error
+        sys.unraisablehook = _unraisable_error
+        self._held: list[tuple[logging.Handler, logging.LogRecord]] = []
+        self._filters = [(h, self._holder(h)) for h in _log_handlers()]
+        for handler, hold in self._filters:
+            handler.addFilter(_without_traceback)
+            handler.addFilter(hold)
+
+    def _holder(self, handler: logging.Handler) -> Callable[[logging.LogRecord], bool]:
+        def hold(record: logging.LogRecord) -> bool:
+            if record.levelno >= logging.ERROR and _ORBAX in record.pathname:
+                self._held.append((handler, record))
+                return False
+            return True
+
+        return hold
+
+    def close(self, show_held: bool) -> None:
+        """Puts the hooks and log handlers back; shows the held records if `show_held`."""
+        threading.excepthook, sys.excepthook, sys.unraisablehook = self._hooks
+        for handler, hold in self._filters:
+            handler.removeFilter(hold)
+        for handler, record in self._held if show_held else ():
+            handler.handle(record)
+        for handler, _ in self._filters:
+            handler.removeFilter(_without_traceback)
 
 
 def _is_command() -> bool:
@@ -143,6 +183,15 @@ def _callback_error(exc_type: type, error: BaseException, tb: Any) -> None:
     if isinstance(error, RuntimeError) and "Event loop is closed" in str(error):
         return  # orbax cancelling the tasks of a failed background save: no news
     print(f"Error in a background thread: {describe(error)}", file=sys.stderr)
+
+
+def _unraisable_error(unraisable: Any) -> None:
+    """What a C++ callback could not raise anywhere (tensorstore's, through sys.unraisablehook)."""
+    error = unraisable.exc_value
+    if error is None or isinstance(error, RuntimeError) and "Event loop is closed" in str(error):
+        return  # a future of a failed background save finishing after orbax gave up on it
+    where = f" in {unraisable.object!r}" if unraisable.object is not None else ""
+    print(f"Error ignored{where}: {describe(error)}", file=sys.stderr)
 
 
 def _thread_error(args: threading.ExceptHookArgs) -> None:

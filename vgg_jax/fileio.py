@@ -95,3 +95,22 @@ def append_text(path: str | os.PathLike, text: str) -> None:
     else:
         with open(path, "a") as f:
             f.write(text)
+
+
+def move_tree(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Moves directory `source` to `target` (which must not exist yet).
+
+    Object stores (gs://) have no directory rename: every file is copied, then `source`
+    is deleted, so a move cut short leaves `source` whole (and part of a copy at `target`).
+    """
+    source, target = os.fspath(source), os.fspath(target)
+    if not is_url(source):
+        os.rename(source, target)
+        return
+    gfile = _gfile()
+    for root, _, files in gfile.walk(source):
+        here = join(target, root[len(source) :].strip("/"))
+        gfile.makedirs(here)
+        for name in files:
+            gfile.copy(join(root, name), join(here, name))
+    gfile.rmtree(source)

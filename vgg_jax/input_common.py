@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -71,8 +72,8 @@ class BadImageCounter:
 
     Every bad file is counted once per epoch it is skipped in (`total` sums
     epochs). A resumed run starts from the counts it is given, e.g.
-    `BadImageCounter(epoch=e, epoch_count=n, total=t)` from the loop's last
-    metrics; `epoch_count` restarts at 0 when the epoch changes.
+    `BadImageCounter(epoch=e, epoch_count=n, total=t)` or `resume` (each process's
+    share of what a checkpoint kept); `epoch_count` restarts at 0 when the epoch changes.
     """
 
     batch: int = 0
@@ -88,6 +89,34 @@ class BadImageCounter:
         self.batch, self.names = len(names), list(names)
         self.epoch_count += len(names)
         self.total += len(names)
+
+    def saved(self, shares: np.ndarray) -> dict[str, Any]:
+        """What a checkpoint keeps of the counts: the epoch, the counts summed over processes
+        and each process's own [epoch_count, total] (`shares`, one row per process)."""
+        shares = np.asarray(shares, np.int64).reshape(-1, 2)
+        epoch_count, total = (int(v) for v in shares.sum(axis=0))
+        return {
+            "epoch": self.epoch,
+            "epoch_count": epoch_count,
+            "total": total,
+            "processes": shares.tolist(),
+        }
+
+    def resume(self, saved: dict[str, Any], process_index: int, process_count: int) -> None:
+        """Continues the counts of a checkpoint (`saved`: what `saved` returned then).
+
+        Each process takes its own share when the run had as many processes; otherwise
+        (another process count, or a checkpoint of an earlier version, which kept process
+        0's counts only) process 0 takes them all and the others start at 0, so that the
+        sum over processes stays the run's.
+        """
+        shares = saved.get("processes") or [[saved["epoch_count"], saved["total"]]]
+        if len(shares) == process_count:
+            own = shares[process_index]
+        else:
+            own = np.sum(shares, axis=0) if process_index == 0 else (0, 0)
+        self.epoch = int(saved["epoch"])
+        self.epoch_count, self.total = (int(v) for v in own)
 
 
 def bad_image_policy(config) -> str:

@@ -230,8 +230,6 @@ def last_good_step(saved: list[int], window_start: int) -> int | None:
 
 def set_aside_diverged(workdir: str, steps: list[int]) -> str:
     """Moves the checkpoints of `steps` into workdir/diverged/ (kept, not deleted)."""
-    import shutil
-
     target = fileio.join(workdir, DIVERGED_DIR)
     fileio.makedirs(target)
     for step in steps:
@@ -240,12 +238,7 @@ def set_aside_diverged(workdir: str, steps: list[int]) -> str:
         n = 1
         while fileio.exists(dest):
             dest, n = fileio.join(target, f"{step}.{n}"), n + 1
-        if fileio.is_url(source):
-            import tensorflow as tf
-
-            tf.io.gfile.rename(source, dest)
-        else:
-            shutil.move(source, dest)
+        fileio.move_tree(source, dest)
     return target
 
 
@@ -326,13 +319,9 @@ class _Logger:
         counter = self.run.task.bad_images
         if counter is None:
             return {}
-        counts = np.array([self.bad_since_log, counter.epoch_count, counter.total], np.int64)
+        counts = [self.bad_since_log, counter.epoch_count, counter.total]
         self.bad_since_log = 0
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            counts = np.asarray(multihost_utils.process_allgather(counts)).sum(axis=0)
-        since, epoch_count, total = (int(c) for c in counts)
+        since, epoch_count, total = (int(c) for c in parallel.per_process(counts).sum(axis=0))
         if since:
             self.run.say(
                 f"Skipped {since} undecodable training images (epoch {counter.epoch + 1}: "
@@ -437,10 +426,10 @@ def _save(run: _Run, state: TrainState, seconds: float, finished: bool = False) 
     meta = {**run.meta, "finished": finished, "epoch": step / run.steps_per_epoch}
     meta["seconds"] = seconds
     counter = run.task.bad_images
-    if counter is not None:  # this process's counts, so a resumed run continues them
-        meta["bad_images"] = {
-            "epoch": counter.epoch, "epoch_count": counter.epoch_count, "total": counter.total
-        }
+    if counter is not None:  # every process's counts (process 0 writes meta), to continue them
+        meta["bad_images"] = counter.saved(
+            parallel.per_process([counter.epoch_count, counter.total])
+        )
     checkpoints.save_state(run.manager, step, state, meta)
 
 
@@ -586,11 +575,9 @@ def _steps(run: _Run, state: TrainState) -> Outcome:
     task, config = run.task, run.config
     spe, total = task.steps_per_epoch, task.total_steps
     step = int(to_host(state.step))
-    counts = run.meta.get("bad_images")
-    if task.bad_images is not None and counts:  # continue the counts of the resumed run
-        task.bad_images.epoch = int(counts["epoch"])
-        task.bad_images.epoch_count = int(counts["epoch_count"])
-        task.bad_images.total = int(counts["total"])
+    counts = run.meta.pop("bad_images", None)  # the summary has the figures' counts instead
+    if task.bad_images is not None and counts:  # each process continues its own share
+        task.bad_images.resume(counts, jax.process_index(), jax.process_count())
     data = task.batches(step)
     logger = _Logger(run, step)
     figures: dict[str, float] = {}

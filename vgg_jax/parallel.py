@@ -151,3 +151,18 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
 
 def is_main_process() -> bool:
     return jax.process_index() == 0
+
+
+def per_process(values: Sequence[int]) -> np.ndarray:
+    """Every process's `values` (integers), one row per process in process order.
+
+    A collective: every process calls it at the same point. With one process it is that
+    process's row alone.
+    """
+    local = np.asarray(values, np.int64)
+    if jax.process_count() == 1:
+        return local[None]
+    from jax.experimental import multihost_utils
+
+    gathered = np.asarray(multihost_utils.process_allgather(local))
+    return gathered.reshape(jax.process_count(), local.size)

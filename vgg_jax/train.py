@@ -353,8 +353,9 @@ def central_figures(config, data: Data, eval_fn: Callable, mesh, state: TrainSta
         "eval_top1_accuracy": float(t["top1"]) / count,
         "eval_top5_accuracy": float(t["top5"]) / count,
     }
-    if bad_images.total:  # skipped files (this process's), left out of the figures above
-        figures["eval_bad_images"] = float(bad_images.total)
+    skipped = int(parallel.per_process([bad_images.total]).sum())  # of every process
+    if skipped:  # left out of the figures above
+        figures["eval_bad_images"] = float(skipped)
     return figures
 
 
