@@ -149,6 +149,22 @@ def test_gpu_suite_refuses_without_a_gpu(tmp_path):
     assert "cannot see the GPU" in proc.stderr
 
 
+def test_flag_ab_workers_differ_by_the_flag_alone():
+    from benchmarks import flag_ab
+
+    base = {"XLA_FLAGS": "--xla_a=1 --xla_b=2", "OTHER": "x"}
+    envs = flag_ab.worker_envs("--xla_b=2", base)
+    assert envs["flag"]["XLA_FLAGS"].split() == ["--xla_a=1", "--xla_b=2"]
+    assert envs["no_flag"]["XLA_FLAGS"].split() == ["--xla_a=1"]
+    assert envs["flag"]["OTHER"] == envs["no_flag"]["OTHER"] == "x"
+    assert "VGG_JAX_CPU_FLAGS" not in envs["flag"]  # the CPU flag as configured
+    default = flag_ab.worker_envs("", base)
+    assert (default["flag"]["VGG_JAX_CPU_FLAGS"], default["no_flag"]["VGG_JAX_CPU_FLAGS"]) == (
+        "1",
+        "0",
+    )
+
+
 def test_flag_ab_tiny(monkeypatch):
     from benchmarks import flag_ab
 
@@ -161,3 +177,15 @@ def test_flag_ab_tiny(monkeypatch):
     assert result["flag_speedup"] == pytest.approx(
         result["images_per_s"]["flag"] / result["images_per_s"]["no_flag"]
     )
+
+
+def test_compile_cost_worker_times_the_probes_asked_for(capsys):
+    from benchmarks import compile_cost
+
+    probe = compile_cost.PROBE_NAMES[2]  # the quickest to compile
+    compile_cost.worker([probe])
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    import jax
+
+    assert record["partitionable"] == jax.config.jax_threefry_partitionable
+    assert list(record["cpu_s"]) == [probe] and record["cpu_s"][probe] > 0
