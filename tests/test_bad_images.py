@@ -6,9 +6,9 @@ import re
 
 import numpy as np
 import pytest
+from input_util import folder_config
 from PIL import Image
 
-from configs.default import get_config
 from vgg_jax import input_pipeline as ip
 
 BAD = ("garbage.png", "truncated.jpg", "truncated.png")
@@ -55,17 +55,11 @@ def root(tmp_path_factory):
 
 
 def config_for(root, **overrides):
-    c = get_config()
-    c.dataset, c.data_dir = "image_folder", str(root)
-    c.train_split, c.eval_split = "train", "val"
-    c.num_classes, c.image_size = 2, 32
     # S = image_size on square images: the crop is the whole image, so a truncated JPEG
     # is always read to its end (decode_and_crop_jpeg stops at the crop window).
-    c.train_scale_min = c.train_scale_max = c.eval_scale = 32
-    c.batch_size, c.eval_batch_size = 4, 4
-    c.color_shift = 0.0
-    c.update(overrides)
-    return c
+    fields = dict(num_classes=2, train_scale_min=32, train_scale_max=32, eval_scale=32,
+                  batch_size=4, eval_batch_size=4, color_shift=0.0)  # fmt: skip
+    return folder_config(root, **{**fields, **overrides})
 
 
 @pytest.fixture(autouse=True)
