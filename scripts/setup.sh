@@ -43,7 +43,9 @@ if needs_install; then
   args=()
   [ -n "$CONSTRAINTS" ] && args=(-c "$CONSTRAINTS")
   "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q "${args[@]}" -e "$spec"
+  # setuptools prints an "Editable installation" notice box (a UserWarning of
+  # the build backend) on every editable install; it tells the user nothing.
+  PYTHONWARNINGS=ignore::UserWarning "$VENV/bin/python" -m pip install -q "${args[@]}" -e "$spec"
   printf 'extras=%s\nconstraints=%s\n' "$all" "$CONSTRAINTS" >"$stamp"
 fi
 
