@@ -32,6 +32,27 @@ def test_fashion_mnist_eval_counts_every_example_once_over_processes(tfds_dir):
         assert abs(pixel_sum / total - images.mean() / 255) < 2e-3
 
 
+def test_full_mode_batches_a_fixed_size_source_as_the_single_image_stream(tfds_dir):
+    """Fashion-MNIST's images all have one size, so mode="full" can batch them (padding too)."""
+    c = fashion_config(tfds_dir, eval_split="test[:37]")
+    assert data_sources.create_source("fashion_mnist", tfds_dir, "").image_size == (28, 28)
+    kw = dict(mode="full", normalize=False, scales=(32, 64), process_index=1, process_count=2)
+    singles = list(eval_input.eval_dataset(c, **kw))
+    batched = list(eval_input.eval_dataset(c, batch_size=8, **kw))
+    # Shares of 19 and 18: every process yields 19 entries one at a time, 3 full batches of 8.
+    assert len(singles) == 19 and [len(b["label"]) for b in batched] == [8, 8, 8]
+    for key in ("label", "mask"):
+        joined = np.concatenate([b[key] for b in batched])
+        np.testing.assert_array_equal(joined[:19], np.concatenate([s[key] for s in singles]))
+    mask = np.concatenate([b["mask"] for b in batched])
+    assert mask.sum() == 18 and not mask[18:].any()  # the padding is masked out
+    for q in (32, 64):
+        stacked = np.concatenate([b["images"][q] for b in batched])
+        assert stacked.shape == (24, q, q, 1)
+        one_by_one = np.concatenate([s["images"][q] for s in singles])
+        np.testing.assert_array_equal(stacked[:18], one_by_one[:18])
+
+
 def test_image_folder_eval_exact_and_corrupt_file_named(photo_root, tmp_path):
     c = folder_config(photo_root, eval_batch_size=4)
     n = input_common.num_examples(c, "val")

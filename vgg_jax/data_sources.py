@@ -196,6 +196,9 @@ class Source:
     name: str
     channels: int
     num_classes: int | None  # None when the source does not know it
+    # (H, W) when every image of the dataset has that size (tfds features with a static
+    # shape, e.g. Fashion-MNIST's 28x28): its rescaled images can be batched.
+    image_size: tuple[int, int] | None = None
 
     def num_examples(self, split: str) -> int:
         raise NotImplementedError
@@ -228,6 +231,7 @@ class TfdsSource(Source):
             name=builder.name,
             channels=int(shape[-1]) if shape[-1] else 3,
             num_classes=getattr(label, "num_classes", None),
+            image_size=(int(shape[0]), int(shape[1])) if None not in shape[:2] else None,
         )
         self.builder = builder
 
@@ -378,7 +382,12 @@ class ClassSubsetSource(Source):
             raise ValueError(
                 f"classes {classes} name labels outside {base.name!r}'s 0..{base.num_classes - 1}."
             )
-        super().__init__(name=base.name, channels=base.channels, num_classes=len(classes))
+        super().__init__(
+            name=base.name,
+            channels=base.channels,
+            num_classes=len(classes),
+            image_size=base.image_size,
+        )
         self.base, self.classes = base, classes
         self._sizes: dict[tuple[str, int], list[int]] = {}
 

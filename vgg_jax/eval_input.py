@@ -9,9 +9,12 @@
       mode="center_crop": rescale smallest side to Q = scale or config.eval_scale,
         central image_size crop; B = (batch_size or config.eval_batch_size) // process_count.
       mode="full": the whole image rescaled to smallest side Q (aspect kept),
-        one image per batch: image (1, H, W, C), label (1,), mask (1,). Padding
-        entries are Q x Q zeros with mask False. Dense evaluation and the 5x5
-        multi-crop grid are built from these by the evaluator.
+        one image per batch: image (1, H, W, C), label (1,), mask (1,); or, when
+        every image of the source has one size (`Source.image_size`, e.g.
+        Fashion-MNIST), batch_size images of this process per batch (default 1),
+        which spares the host a step per image. Padding entries are zeros with
+        mask False. Dense evaluation and the 5x5 multi-crop grid are built from
+        these by the evaluator.
       normalize=False: raw pixels in [0, 1] instead of `normalize`d ones.
       scales=(Q1, Q2, ...): every example at each Q (each resampled from the
         original image) in one stream, `'images'`: {Q: (B, H_Q, W_Q, C)}
@@ -45,6 +48,7 @@ from vgg_jax.input_common import (
     normalize,
     process_share,
     record_names,
+    rescaled_shape,
     shown_names,
 )
 
@@ -69,7 +73,9 @@ def eval_dataset(
     `normalize=False`: raw pixels in [0, 1] (for networks that normalise their
     own input, as the evaluator's do). `scales=(Q1, Q2, ...)`: every example
     at each Q, each resampled from the original image, in one stream: the
-    batch holds `'images'` {Q: images} instead of `'image'`. Undecodable images
+    batch holds `'images'` {Q: images} instead of `'image'`. mode="full" batches
+    `batch_size` images of this process when the source's images all have one
+    size (`Source.image_size`), else one image. Undecodable images
     are skipped and counted in `bad_images` when the last batch is yielded
     (config.bad_images="skip"), or an error naming the first (="fail").
     """
@@ -90,8 +96,12 @@ def eval_dataset(
     for q in scales or (scale,):
         if crop and q < crop:
             raise ValueError(f"eval scale Q={q} is smaller than image_size={crop}.")
+    fixed_size = None  # the rescaled (H, W) at each Q when every image has one size
     if mode == "full":
         local_batch = 1
+        if source.image_size and batch_size:
+            local_batch = batch_size
+            fixed_size = {q: _rescaled(source.image_size, q) for q in scales or (scale,)}
     else:
         local_batch = local_batch_size(batch_size or config.eval_batch_size, pc, "eval_batch_size")
     sizes = source.shard_sizes(split, pc)
@@ -99,15 +109,22 @@ def eval_dataset(
     records = source.records(split, pi, pc, None, 0)
     channels, num_classes = source.channels, config.num_classes
 
+    def pixels(encoded, q):
+        image = _eval_pixels(encoded, channels, q, crop, config, normalize)
+        if fixed_size:  # a static shape, so that batches of them can form
+            image = tf.ensure_shape(image, [*fixed_size[q], channels])
+        return image
+
     def preprocess(position, ex):
         real = tf.constant(True)
         if scales:
-            images = tuple(
-                _eval_pixels(ex["image"], channels, q, crop, config, normalize) for q in scales
-            )
+            images = tuple(pixels(ex["image"], q) for q in scales)
             return {"images": images, "label": ex["label"], "mask": real, "position": position}
-        image = _eval_pixels(ex["image"], channels, scale, crop, config, normalize)
+        image = pixels(ex["image"], scale)
         return {"image": image, "label": ex["label"], "mask": real, "position": position}
+
+    def pad_image(q):
+        return tf.zeros([*(fixed_size[q] if fixed_size else (crop or q, crop or q)), channels])
 
     def check_label(ex):
         label = tf.cast(ex["label"], tf.int32)
@@ -122,9 +139,9 @@ def eval_dataset(
         "position": tf.constant(-1, tf.int64),
     }
     if scales:
-        pad["images"] = tuple(tf.zeros([crop or q, crop or q, channels]) for q in scales)
+        pad["images"] = tuple(pad_image(q) for q in scales)
     else:
-        pad["image"] = tf.zeros([crop or scale, crop or scale, channels], tf.float32)
+        pad["image"] = pad_image(scale)
     ds = records.enumerate().map(
         preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
     )
@@ -137,6 +154,12 @@ def eval_dataset(
     else:
         batches = _skipping_eval_iterator(ds, records, sizes[pi], num_batches, counter)
     return _by_scale(batches, tuple(scales)) if scales else batches
+
+
+def _rescaled(size: tuple[int, int], scale: int) -> tuple[int, int]:
+    """(H, W) of a `size` image rescaled to smallest side `scale`, rounded as the pipeline does."""
+    h, w = rescaled_shape(size[0], size[1], scale)
+    return int(h), int(w)
 
 
 def _eval_pixels(encoded, channels: int, scale: int, crop, config, normalized: bool) -> tf.Tensor:

@@ -312,24 +312,27 @@ def dataset_batches(
     """Groups of `batch_size` examples of this process's share, rescaled to every Q.
 
     One pipeline stream gives each example at every Q (resampled from the
-    original image), raw pixels in [0, 1]. The pipeline pads the shares of all
-    processes to the same length; the padding entries carry mask False.
+    original image), raw pixels in [0, 1]; it batches them itself when the
+    dataset's images all have one size, else yields them one at a time. The
+    pipeline pads the shares of all processes to the same length; the padding
+    entries carry mask False.
     """
     from vgg_jax import input_pipeline
 
-    examples = input_pipeline.eval_dataset(
+    pieces = input_pipeline.eval_dataset(
         config,
         split=split,
         mode="full",
+        batch_size=batch_size,
         normalize=False,
         scales=tuple(scales),
         process_index=process_index,
         process_count=process_count,
     )
     group: list[dict[str, Any]] = []
-    for example in examples:
-        group.append(example)
-        if len(group) == batch_size:
+    for piece in pieces:
+        group.append(piece)
+        if sum(len(g["label"]) for g in group) >= batch_size:
             yield _group_to_batch(group, scales)
             group = []
     if group:
@@ -337,9 +340,10 @@ def dataset_batches(
 
 
 def _group_to_batch(group: list[dict[str, Any]], scales: Sequence[int]):
-    rescaled = {q: [g["images"][q][0] for g in group] for q in scales}
-    labels = np.asarray([g["label"][0] for g in group])
-    mask = np.asarray([g["mask"][0] for g in group], bool)
+    """Pipeline batches (one image each, or several of one size) as one ImageSet batch."""
+    rescaled = {q: [im for g in group for im in g["images"][q]] for q in scales}
+    labels = np.concatenate([g["label"] for g in group])
+    mask = np.concatenate([g["mask"] for g in group]).astype(bool)
     return image_io.ImageSet(rescaled=rescaled), labels, mask
 
 
