@@ -99,7 +99,7 @@ Change runtime type* selects the accelerator.
 ## Settings
 
 The defaults are the real thing (full-width VGG16, the Fashion-MNIST quick
-variant for its 3 epochs). The test suite runs this notebook with tiny
+variant for its 2 epochs). The test suite runs this notebook with tiny
 settings by overriding this cell.
 """),
         code(
@@ -108,7 +108,7 @@ MODEL = "vgg16"           # any name of the table below, or a paper letter ("D")
 WIDTH_DIVISOR = 1         # 1 = the paper's channel widths
 FC_WIDTH = 4096           # units of FC1 and FC2
 PHOTO_SMALLEST_SIDE = 384  # the paper's test scale Q for the dense evaluation
-TRAIN_VARIANT = "quick"   # configs/fashion_mnist.py variant: 32x32 inputs, 3 epochs
+TRAIN_VARIANT = "quick"   # configs/fashion_mnist.py variant: 32x32 inputs, 2 epochs
 TRAIN_OVERRIDES = {}      # config fields to change, e.g. {"num_epochs": 2}
 WORKDIR = "runs/fashion_mnist_quick"
 """,

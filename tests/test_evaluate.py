@@ -210,6 +210,12 @@ def test_evaluate_and_score_map_on_a_training_workdir(tmp_path, capsys):
     other = evaluate.main(["--workdir", run, "--limit", "4", "--scales", "32"])
     assert [r["count"] for r in other["rows"]] == [4]
     assert len(os.listdir(os.path.join(run, "eval"))) == 2
+    # The run trained without mirror images (random_flip=False): tested without them too,
+    # unless asked; asking is another evaluation, stored under its own key.
+    assert summary["flip"] is False and "mirror image" not in printed.out
+    flipped = evaluate.main(["--workdir", run, "--limit", "4", "--scales", "32", "--flip"])
+    assert flipped["flip"] is True and len(os.listdir(os.path.join(run, "eval"))) == 3
+    assert "and its mirror image" in " ".join(flipped["explanation"])
 
     photo = tmp_path / "coffee.png"
     Image.fromarray(data.coffee()).resize((80, 60)).save(photo)

@@ -17,7 +17,10 @@ Data come from `input_pipeline.eval_dataset(mode="full", normalize=False,
 scales=...)`: one stream with every example at every Q (each resampled from
 the original image), raw pixels in [0, 1], since each network normalises its
 own input. Default scales are the config's `test_scales`, else the paper's
-for the run's training scale (`paper_scales`).
+for the run's training scale (`paper_scales`). Mirror images are added
+(`--flip`) when the run trained with them (its `random_flip`; `--no-flip` /
+`--flip` decide otherwise): the paper's flip averaging assumes a network that
+saw mirrored images in training.
 
 Stored results: with `--workdir` (no `--checkpoint`, one process), the result is kept
 in `WORKDIR/eval/<key>.json`, the key a hash of the checkpoint's step, the
@@ -44,7 +47,7 @@ from vgg_jax import checkpoints, fileio, image_io, metrics, protocols
 # The command line hands evaluators this many batches' worth of images at a time.
 GROUP_BATCHES = 4
 # Part of every stored result's key: raise it when a change alters what a row computes.
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 EVAL_DIR = "eval"
 
 
@@ -183,7 +186,7 @@ def result_key(args: argparse.Namespace, step: int, scales: Sequence[int], split
         "scales": list(scales),
         "split": split,
         **{k: getattr(args, k) for k in ("which", "config", "dataset", "data_dir", "mode")},
-        **{k: getattr(args, k) for k in ("no_flip", "grid", "limit", "batch_size")},
+        **{k: getattr(args, k) for k in ("flip", "grid", "limit", "batch_size")},
     }
     text = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -370,7 +373,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--scales",
         help="test scales Q, e.g. 256,384,512 (default: config.test_scales, else the paper's)",
     )
-    p.add_argument("--no-flip", action="store_true", help="do not add flipped images")
+    p.add_argument(
+        "--flip",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="add each image's mirror image (default: as the run trained, its random_flip; "
+        "the paper trains and tests with flips)",
+    )
     p.add_argument("--grid", type=int, default=5, help="multi-crop grid side (5: 5x5)")
     p.add_argument("--limit", type=int, default=0, help="only the first N examples (per process)")
     p.add_argument("--batch-size", type=int, default=8, help="images per network call")
@@ -392,6 +401,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     members = load_members(args)
     config = data_config(args, members)
+    if args.flip is None:  # a network trained without mirror images is not tested with them
+        args.flip = bool(config.get("random_flip", True))
     scales = _parse_scales(args.scales) if args.scales else default_scales(config)
     split = args.split or config.eval_split
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
@@ -406,7 +417,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             members,
             args.mode,
             scales,
-            not args.no_flip,
+            args.flip,
             grid=args.grid,
             batch_size=args.batch_size,
         )
@@ -433,7 +444,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "networks": [m.name for m in members],
         "dataset": config.dataset,
         "split": split,
-        "flip": not args.no_flip,
+        "flip": args.flip,
         "grid": args.grid,
         "compiled_shapes": protocol_set.compiled_shapes,
         "seconds": round(time.time() - start, 2),
@@ -449,7 +460,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         ],
         "table": format_table(results, f"{names} on {config.dataset}/{split}"),
         "explanation": explain_rows(
-            results, config, flip=not args.no_flip, grid=args.grid, image_size=image_size,
+            results, config, flip=args.flip, grid=args.grid, image_size=image_size,
             trainer=trainer,
         ),  # fmt: skip
     }
