@@ -39,11 +39,11 @@ def module_compilation_cache(tmp_path_factory):
 # Shared by the input-pipeline tests (test_input_pipeline, test_train_input, test_eval_input):
 # session-wide so that Fashion-MNIST is prepared and the photos are written once.
 @pytest.fixture(scope="session")
-def tfds_dir(tmp_path_factory):
-    """A tfds data_dir holding Fashion-MNIST (built from the IDX files on first use)."""
+def tfds_dir():
+    """A tfds data_dir holding Fashion-MNIST (built from the IDX files on first use per machine)."""
     from input_util import fashion_tfds_dir
 
-    return fashion_tfds_dir(tmp_path_factory)
+    return fashion_tfds_dir()
 
 
 @pytest.fixture(scope="session")

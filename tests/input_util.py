@@ -14,12 +14,17 @@ from vgg_jax import data_sources
 FASHION_DIR = data_sources.find_fashion_mnist_dir()
 
 
-def fashion_tfds_dir(tmp_path_factory) -> str:
+def fashion_tfds_dir() -> str:
     """A tfds data_dir for Fashion-MNIST (the `tfds_dir` fixture of conftest.py)."""
     if FASHION_DIR is None:
         pytest.fail(data_sources.FASHION_MNIST_HELP)  # the data is a test prerequisite
-    # A prepared tfds data_dir may be reused across runs (preparation takes 15-50 s).
-    return os.environ.get("VGG_JAX_TEST_TFDS_DIR") or str(tmp_path_factory.mktemp("tfds"))
+    # tfds's own data_dir, where the demo and the end-to-end tests prepare it too: prepared
+    # once per machine (15-50 s) instead of once per test worker. Concurrent workers wait
+    # for the first one's preparation (data_sources locks it). VGG_JAX_TEST_TFDS_DIR
+    # names another.
+    from tensorflow_datasets.core import constants
+
+    return os.environ.get("VGG_JAX_TEST_TFDS_DIR") or constants.DATA_DIR
 
 
 def fashion_config(data_dir, **overrides):

@@ -38,3 +38,27 @@ def test_idx_headers_and_counts_are_validated(tmp_path):
     short.write_bytes(np.array([2049, 10_000], ">u4").tobytes() + bytes(50))
     with pytest.raises(ValueError, match="truncated"):
         data_sources.read_idx(str(short), 2049, 10_000)
+
+
+def test_concurrent_preparation_waits_for_the_first(tfds_dir, tmp_path, caplog):
+    """A second process (here a thread) that finds the data being prepared waits, then uses it."""
+    import shutil
+    import threading
+
+    data_sources.fashion_mnist_builder(tfds_dir)  # the copy the first process will "make"
+    fresh = tmp_path / "tfds"
+    builder = tfds.builder("fashion_mnist", data_dir=str(fresh))
+    found = []
+    waiter = threading.Thread(
+        target=lambda: found.append(data_sources.fashion_mnist_builder(str(fresh)))
+    )
+    with caplog.at_level("INFO", logger=data_sources.__name__):
+        with data_sources._preparing(builder):  # this "process" is preparing
+            waiter.start()
+            waiter.join(timeout=1.0)
+            assert waiter.is_alive()  # blocked on the lock, not preparing a second copy
+            shutil.copytree(os.path.join(tfds_dir, "fashion_mnist"), fresh / "fashion_mnist")
+        waiter.join(timeout=60)
+    assert not waiter.is_alive() and found[0].is_prepared()
+    assert found[0].info.splits["test"].num_examples == 10_000
+    assert "Preparing" not in caplog.text  # it used the copy the first one made

@@ -22,7 +22,9 @@ to train on five Fashion-MNIST classes and transfer to the other five.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import functools
 import gzip
 import logging
@@ -30,7 +32,7 @@ import os
 import socket
 import tempfile
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -162,6 +164,35 @@ def fashion_mnist_builder(data_dir: str, manual_dir: str = "") -> tfds.core.Data
     builder = tfds.builder("fashion_mnist", data_dir=data_dir)
     if builder.is_prepared():
         return builder
+    with _preparing(builder):
+        builder = tfds.builder("fashion_mnist", data_dir=data_dir)
+        if builder.is_prepared():  # another process prepared it while this one waited
+            return builder
+        return _prepare_fashion_mnist(builder, data_dir, manual_dir)
+
+
+@contextlib.contextmanager
+def _preparing(builder: tfds.core.DatasetBuilder) -> Iterator[None]:
+    """Holds an exclusive lock on the data_dir while one process prepares the dataset.
+
+    Runs started together on a fresh machine (two trainings, test workers)
+    would otherwise write the same files at once; the others wait, then find it
+    prepared. The kernel drops the lock of a killed holder. Local disks only.
+    """
+    root = os.path.dirname(os.path.dirname(os.fspath(builder.data_dir)))
+    if "://" in root:
+        yield
+        return
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, f".vgg_jax_{builder.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _prepare_fashion_mnist(builder, data_dir: str | None, manual_dir: str):
     idx_dir = find_fashion_mnist_dir(manual_dir)
     if idx_dir is not None:
         log.info("Preparing tfds fashion_mnist from the IDX files in %s", idx_dir)
