@@ -23,7 +23,9 @@ def grads(f, *args):
         r = jax.random.normal(jax.random.key(7), y.shape, y.dtype)
         return jnp.sum(y * r), y
 
-    (_, y), g = jax.value_and_grad(scalar, argnums=tuple(range(len(args))), has_aux=True)(*args)
+    # Compiled as one program: run eagerly, every primitive would be compiled on its own.
+    value_and_grad = jax.value_and_grad(scalar, argnums=tuple(range(len(args))), has_aux=True)
+    (_, y), g = jax.jit(value_and_grad)(*args)
     return y, g
 
 
@@ -135,10 +137,10 @@ def test_whole_model_same_under_both_formulations():
     # 32 px: stage 5 runs on 2x2 maps, so the small-map matmul is exercised.
     model = models.create_model("A", 10, width_divisor=16, fc_width=32, image_size=32)
     x = jax.random.uniform(jax.random.key(3), (2, 32, 32, 1))
-    params = model.init(jax.random.key(4), x)["params"]
+    params = jax.jit(model.init)(jax.random.key(4), x)["params"]
     out = {}
     for name in ("lax", "fast"):
-        with layers.use_formulation(name):
+        with layers.use_formulation(name):  # traced inside: one compilation per formulation
             out[name] = grads(lambda p: model.apply({"params": p}, x), params)
     np.testing.assert_allclose(out["fast"][0], out["lax"][0], **TOL)
     for a, b in zip(jax.tree.leaves(out["fast"][1]), jax.tree.leaves(out["lax"][1]), strict=True):

@@ -124,7 +124,7 @@ def test_score_map_sizes(side, positions):
 
 def test_wrong_input_size_is_a_clear_error():
     model = models.create_model("A", width_divisor=16, fc_width=32, image_size=32)
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))
+    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))
     with pytest.raises(ValueError, match="32x32"):
         model.apply(variables, jnp.zeros((1, 40, 40, 1)))
     with pytest.raises(ValueError, match="at least 32x32"):
@@ -166,8 +166,10 @@ def test_lrn_model_differs_from_plain_a():
     x = jax.random.uniform(jax.random.key(3), (1, 32, 32, 3)) * 255
     plain = models.create_model("A", width_divisor=8, fc_width=16, image_size=32)
     lrn = models.create_model("A-LRN", width_divisor=8, fc_width=16, image_size=32)
-    variables = plain.init(jax.random.key(0), x)
-    assert jax.tree.structure(variables) == jax.tree.structure(lrn.init(jax.random.key(0), x))
+    variables = jax.jit(plain.init)(jax.random.key(0), x)
+    assert jax.tree.structure(variables) == jax.tree.structure(
+        jax.jit(lrn.init)(jax.random.key(0), x)
+    )
     feats = lrn.apply(variables, x, ["relu1_1", "lrn1"], method="extract")
     np.testing.assert_allclose(
         feats["lrn1"], models.layers.local_response_norm(feats["relu1_1"]), rtol=1e-6
@@ -181,19 +183,19 @@ def test_initializers():
     model = models.create_model(
         "A", width_divisor=4, fc_width=256, image_size=32, initializer="normal"
     )
-    params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
     kernel = np.asarray(params["features"]["conv3_1"]["kernel"])
     assert kernel.std() == pytest.approx(0.01, rel=0.05)
     assert np.all(np.asarray(params["fc7"]["bias"]) == 0)
     g = models.create_model("A", width_divisor=4, fc_width=256, image_size=32)
-    gp = g.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+    gp = jax.jit(g.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
     w = np.asarray(gp["fc7"]["kernel"])
     limit = np.sqrt(6.0 / (256 + 256))
     assert np.abs(w).max() <= limit and np.abs(w).max() > 0.9 * limit
 
 
 def _train_a_few_steps(model, x, y, steps=5):
-    variables = model.init(jax.random.key(0), x)
+    variables = jax.jit(model.init)(jax.random.key(0), x)
     params = variables["params"]
     tx = optax.sgd(0.01, momentum=0.9)
     opt_state = tx.init(params)
@@ -242,7 +244,7 @@ def test_batch_norm_variant_updates_statistics():
         "vgg11_bn", num_classes=10, width_divisor=8, fc_width=32, image_size=32
     )
     x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3)) + 3.0
-    variables = model.init(jax.random.key(0), x)
+    variables = jax.jit(model.init)(jax.random.key(0), x)
     assert "bn1_1" in variables["batch_stats"]["features"]
     _, updated = model.apply(
         variables, x, train=True, rngs={"dropout": jax.random.key(1)}, mutable=["batch_stats"]
@@ -255,7 +257,7 @@ def test_batch_norm_variant_updates_statistics():
 def test_extract_named_layers_any_size():
     model = models.create_model("D", width_divisor=16, fc_width=32, image_size=32)
     x = jnp.ones((1, 64, 96, 3))
-    variables = model.init(jax.random.key(0), jnp.ones((1, 32, 32, 3)))
+    variables = jax.jit(model.init)(jax.random.key(0), jnp.ones((1, 32, 32, 3)))
     feats = model.apply(variables, x, ["conv1_1", "pool5", "fc7"], method="extract")
     assert feats["conv1_1"].shape == (1, 64, 96, 4)
     assert feats["pool5"].shape == (1, 2, 3, 32)
