@@ -62,7 +62,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json-out", default=None)
     p.add_argument("--end-to-end", default="", metavar="WORKDIR", help="time the command")
     p.add_argument("--limit", type=int, default=0, help="--end-to-end: first N test images")
-    p.add_argument("--eval-batch", type=int, default=8, help="--end-to-end: --batch-size")
+    p.add_argument(
+        "--eval-batch", type=int, help="--end-to-end: --batch-size (default: the evaluator's)"
+    )
     return p.parse_args(argv)
 
 
@@ -181,11 +183,13 @@ def end_to_end(args: argparse.Namespace) -> dict[str, Any]:
     scales = evaluate.default_scales(config)
     n = input_pipeline.num_examples(config, config.eval_split)
     n = min(n, args.limit) if args.limit else n
-    rows = 2 * args.eval_batch  # every image and its flip
+    views = 2 if evaluate.default_flip(config) else 1  # every image, and its flip if trained so
+    batch = args.eval_batch or evaluate.default_batch_size(scales)
+    rows = views * batch
     per_call = bare_dense_seconds(member, scales, rows, max(args.steps, 10), args.repeats)
-    bare = sum(t * math.ceil(2 * n / rows) for t in per_call.values())
+    bare = sum(t * math.ceil(views * n / rows) for t in per_call.values())
     command = [sys.executable, "-m", "vgg_jax.evaluate", "--workdir", workdir, "--recompute"]
-    command += ["--batch-size", str(args.eval_batch)]
+    command += ["--batch-size", str(batch)]
     command += ["--limit", str(args.limit)] if args.limit else []
     load_before = os.getloadavg()[0]
     start = time.perf_counter()

@@ -65,6 +65,14 @@ def test_paper_scales():
     assert evaluate.paper_scales(c) == (224, 256, 288)
 
 
+def test_default_batch_holds_about_the_pixels_of_eight_images_at_224():
+    assert evaluate.default_batch_size((256, 384, 512)) == 8  # the paper's scales
+    assert evaluate.default_batch_size((224,)) == 8
+    assert evaluate.default_batch_size((64,)) == 98
+    assert evaluate.default_batch_size((32, 64)) == 98  # the largest Q decides
+    assert evaluate.default_batch_size((32,)) == 256  # capped
+
+
 # ---------------------------------------------------------------------------
 # Command-line tools.
 

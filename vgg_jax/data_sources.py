@@ -161,14 +161,32 @@ def fashion_mnist_builder(data_dir: str, manual_dir: str = "") -> tfds.core.Data
     offline); tfds's own download. Fails with the three ways to get the data.
     """
     data_dir = data_dir or None
-    builder = tfds.builder("fashion_mnist", data_dir=data_dir)
-    if builder.is_prepared():
-        return builder
-    with _preparing(builder):
+    with _unprepared_notice_silenced():
         builder = tfds.builder("fashion_mnist", data_dir=data_dir)
-        if builder.is_prepared():  # another process prepared it while this one waited
+        if builder.is_prepared():
             return builder
-        return _prepare_fashion_mnist(builder, data_dir, manual_dir)
+        with _preparing(builder):
+            builder = tfds.builder("fashion_mnist", data_dir=data_dir)
+            if builder.is_prepared():  # another process prepared it while this one waited
+                return builder
+            return _prepare_fashion_mnist(builder, data_dir, manual_dir)
+
+
+class _DropUnpreparedNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Variant folder %s has no")
+
+
+@contextlib.contextmanager
+def _unprepared_notice_silenced() -> Iterator[None]:
+    """tfds warns that a dataset it has not prepared yet has no dataset_info.json, just
+    before this module prepares it: a warning with nothing for the user to do."""
+    notice = _DropUnpreparedNotice()
+    logging.getLogger("absl").addFilter(notice)
+    try:
+        yield
+    finally:
+        logging.getLogger("absl").removeFilter(notice)
 
 
 @contextlib.contextmanager

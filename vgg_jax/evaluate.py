@@ -226,6 +226,21 @@ def default_scales(config: Any) -> tuple[int, ...]:
     return tuple(int(q) for q in config.get("test_scales", ()) or ()) or paper_scales(config)
 
 
+def default_batch_size(scales: Sequence[int]) -> int:
+    """Images per network call: 8 at Q >= 224, more for smaller images, at most 256.
+
+    A call then holds about as many pixels as 8 images at 224: on small
+    images (Fashion-MNIST's 32) the per-call host work would otherwise cost
+    as much as the network (benchmarks/RESULTS.md, "Demo").
+    """
+    return max(8, min(256, 8 * 224 * 224 // max(scales) ** 2))
+
+
+def default_flip(config: Any) -> bool:
+    """Mirror images by default only for a network that trained with them (config.random_flip)."""
+    return bool(config.get("random_flip", True))
+
+
 def _base_config(args: argparse.Namespace) -> Any:
     """The data config: workdir/config.json, --config FILE[:variant], or the defaults."""
     import ml_collections
@@ -382,7 +397,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--grid", type=int, default=5, help="multi-crop grid side (5: 5x5)")
     p.add_argument("--limit", type=int, default=0, help="only the first N examples (per process)")
-    p.add_argument("--batch-size", type=int, default=8, help="images per network call")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help="images per network call (default: 8 at the paper's scales, more for small "
+        "images, `default_batch_size`)",
+    )
     p.add_argument("--output", help="write the results as JSON here")
     p.add_argument(
         "--recompute", action="store_true", help="evaluate even if WORKDIR/eval has the result"
@@ -401,9 +421,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     members = load_members(args)
     config = data_config(args, members)
-    if args.flip is None:  # a network trained without mirror images is not tested with them
-        args.flip = bool(config.get("random_flip", True))
+    if args.flip is None:
+        args.flip = default_flip(config)
     scales = _parse_scales(args.scales) if args.scales else default_scales(config)
+    if args.batch_size is None:
+        args.batch_size = default_batch_size(scales)
     split = args.split or config.eval_split
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     stored = stored_path(args, members, scales, split)
