@@ -248,10 +248,12 @@ f = jax.jit(lambda a, g: a.T @ g)  # a fresh 64 MiB result every call
 a = jnp.ones((64, 4096))
 for _ in range(5):
     f(a, a).block_until_ready()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(20):
+per_call = []
+for _ in range(21):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     f(a, a).block_until_ready()
-print(reused, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20)
+    per_call.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(reused, sorted(per_call)[10])  # the median call: a few racing threads may still refault
 """
 
 
@@ -270,7 +272,7 @@ def test_reusing_host_buffers_stops_refaulting_large_buffers():
     assert (off, on) == ("False", "True")
     pages = 64 * 2**20 / resource.getpagesize()
     assert faults_off > 0.5 * pages  # each call maps its 64 MiB result afresh
-    assert faults_on < 0.6 * pages  # most calls find a freed buffer to reuse
+    assert faults_on < 0.5 * pages  # most calls find a freed buffer to reuse
     # Once JAX's backend runs (as in this process), it is too late: nothing is changed.
     jnp.ones(1).block_until_ready()
     assert not backend.reuse_host_buffers()
