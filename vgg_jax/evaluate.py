@@ -348,11 +348,13 @@ def dataset_batches(
         process_count=process_count,
     )
     group: list[dict[str, Any]] = []
+    count = 0  # examples in `group`
     for piece in pieces:
         group.append(piece)
-        if sum(len(g["label"]) for g in group) >= batch_size:
+        count += len(piece["label"])
+        if count >= batch_size:
             yield _group_to_batch(group, scales)
-            group = []
+            group, count = [], 0
     if group:
         yield _group_to_batch(group, scales)
 
