@@ -242,17 +242,18 @@ def test_bundle_with_another_channel_or_class_count_than_the_data(tmp_path, fold
 def test_full_disk_names_the_intact_checkpoint_and_loses_nothing(tmp_path, trained, folder, env):
     disk = tmp_path / "disk"
     disk.mkdir()
-    if not _mount(disk, "size=4m"):
+    # Explicit inode count and no huge pages: a kernel's tmpfs defaults must not decide
+    # whether a file can still be created (one CI machine refused the filler's creation).
+    if not _mount(disk, "size=8m,nr_inodes=16384,huge=never"):
         pytest.skip("a small file system needs root and mount; a full disk is not testable here")
     try:
-        run = disk / "run"
-        shutil.copytree(trained, run)
         filler = disk / "filler"
-        with open(filler, "wb") as f:  # fill the disk, then give back a few blocks
+        with open(filler, "wb", buffering=0) as f:  # created first; fills the disk after the copy
+            run = disk / "run"
+            shutil.copytree(trained, run)
             try:
                 while True:
                     f.write(b"\0" * 65536)
-                    f.flush()
             except OSError:
                 pass
         with open(filler, "r+b") as f:
