@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from vgg_jax import metrics
+
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"
 SCRIPTS = ["local.sh", "tpu_pod.sh", "gpu_slurm.sbatch"]
@@ -409,10 +411,13 @@ def single_process_env(devices: int) -> dict[str, str]:
     return env
 
 
-def run_local(workdir: Path, *args: str, module: str = "vgg_jax.train", devices: int = 1):
+def run_local(
+    workdir: Path, *args: str, module: str = "vgg_jax.train", devices: int = 1, **env: str
+):
     env = {
         "PYTHON": sys.executable,
         "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+        **env,
     }
     result = run_script(
         LAUNCH / "local.sh", "-q", "-n", "2", "-d", str(devices), "-p", str(free_port()),
@@ -424,7 +429,7 @@ def run_local(workdir: Path, *args: str, module: str = "vgg_jax.train", devices:
 
 
 def test_local_two_processes_train_like_one(tmp_path):
-    overrides = json.dumps({"num_devices": 0, "max_steps": 3})
+    overrides = json.dumps({"num_devices": 0, "max_steps": 4})
     # One process with 4 devices, started first so that both runs share the CPU time.
     single = subprocess.Popen(
         [sys.executable, "-m", "train_worker", str(tmp_path / "one"), overrides],
@@ -432,20 +437,31 @@ def test_local_two_processes_train_like_one(tmp_path):
         env=single_process_env(4), cwd=ROOT,
     )  # fmt: skip
     try:
-        run_local(
-            tmp_path / "two", str(tmp_path / "two"), overrides, module="train_worker", devices=2
-        )
+        # Process i reports i + 1 undecodable images per batch (tests/fake_data.py).
+        run_local(tmp_path / "two", str(tmp_path / "two"), overrides, module="train_worker",
+                  devices=2, FAKE_DATA_BAD_PER_STEP="1")  # fmt: skip
     finally:
         out = single.communicate(timeout=600)[0]
     assert single.returncode == 0, out[-3000:]
 
-    for run in ("two", "one"):  # both trained the 3 steps (not two equal initialisations)
-        records = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
-        assert max(json.loads(r)["step"] for r in records if "train_loss" in r) == 3
+    losses = {}
+    for run in ("two", "one"):  # both trained the 4 steps (not two equal initialisations)
+        records = metrics.read_metrics(str(tmp_path / run))
+        losses[run] = [r["train_loss"] for r in records if "train_loss" in r]
+        assert max(r["step"] for r in records if "train_loss" in r) == 4
+    np.testing.assert_allclose(losses["two"], losses["one"], rtol=1e-5)
     two, one = final_params(tmp_path / "two"), final_params(tmp_path / "one")
     assert two.keys() == one.keys() and len(two) > 0
     for name in two:
         np.testing.assert_allclose(two[name], one[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    # Skipped images: summed over the processes in metrics.jsonl (1 + 2 per step), and each
+    # process's share kept in the checkpoint (each resumes its own: test_bad_images.py).
+    assert {r["bad_images_total"] for r in records if "bad_images_total" in r} == {0}  # "one"
+    records = metrics.read_metrics(str(tmp_path / "two"))
+    assert [r for r in records if "bad_images_total" in r][-1]["bad_images_total"] == 12
+    meta = tmp_path / "two" / "checkpoints" / "4" / "meta" / "metadata"
+    saved = json.loads(meta.read_text())["bad_images"]
+    assert saved["processes"] == [[4, 4], [8, 8]] and saved["total"] == 12, saved
 
 
 @pytest.mark.skipif(

@@ -2,7 +2,7 @@
 
 Sharding (1 vs 8 devices, model axis), gradient accumulation, the plateau
 schedule, exact resume after SIGKILL, SIGTERM, NaN, mismatched checkpoints,
-config typos and a two-process multi-host run on localhost.
+config typos. Two processes against one: tests/test_launch.py (through launch/local.sh).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -329,49 +328,6 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     saved = int(out.split("SIGTERM: saved step ")[1].split()[0])
     steps = checkpoints.state_manager(str(tmp_path), read_only=True).all_steps()
     assert saved in steps and saved < 16
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _saved_bad_images(workdir, step):
-    with open(workdir / "checkpoints" / str(step) / "meta" / "metadata") as f:
-        return json.load(f)["bad_images"]
-
-
-def test_two_processes_match_one(tmp_path, dp8_run):
-    run = dict(num_devices=0, max_steps=4)
-    port = _free_port()
-    # Process i reports i + 1 undecodable images per batch: 1 + 2 per step in all.
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "FAKE_DATA_BAD_PER_STEP": "1"}
-    procs = [
-        _worker(
-            tmp_path / "multi",
-            run,
-            env={
-                **env,
-                "VGG_JAX_COORDINATOR": f"127.0.0.1:{port}",
-                "VGG_JAX_NUM_PROCESSES": "2",
-                "VGG_JAX_PROCESS_ID": str(i),
-            },
-        )
-        for i in range(2)
-    ]
-    _train(tmp_path / "single", **run)  # 8 devices in this process; 2 x 4 over there
-    for p in procs:
-        out = p.communicate(timeout=240)[0]
-        assert p.returncode == 0, out
-    np.testing.assert_allclose(_losses(tmp_path / "single"), _losses(tmp_path / "multi"), rtol=1e-5)
-    _assert_trees_close(_params(tmp_path / "single"), _params(tmp_path / "multi"))
-    # Skipped images: summed over the processes in metrics.jsonl, each one's share kept.
-    records = metrics.read_metrics(str(tmp_path / "multi"))
-    assert [r for r in records if "bad_images_total" in r][-1]["bad_images_total"] == 12
-    saved = _saved_bad_images(tmp_path / "multi", 4)
-    assert saved["processes"] == [[4, 4], [8, 8]] and saved["total"] == 12, saved
-    # Each process resumes its share: test_bad_images.py (the wiring: test_loop.py's resumes).
 
 
 def test_metrics_file_and_curves(tmp_path):
