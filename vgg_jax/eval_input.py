@@ -50,6 +50,7 @@ from vgg_jax.input_common import (
     record_names,
     rescaled_shape,
     shown_names,
+    traced_as_written,
 )
 
 log = logging.getLogger(__name__)
@@ -143,11 +144,12 @@ def eval_dataset(
     else:
         pad["image"] = pad_image(scale)
     ds = records.enumerate().map(
-        preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+        traced_as_written(preprocess), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
     )
     if policy == "skip":
         ds = ds.ignore_errors()
-    ds = ds.map(check_label).concatenate(tf.data.Dataset.from_tensors(pad).repeat())
+    ds = ds.map(traced_as_written(check_label))
+    ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat())
     ds = ds.take(num_batches * local_batch).batch(local_batch).prefetch(tf.data.AUTOTUNE)
     if policy == "fail":
         batches = _eval_iterator(ds, records, channels, local_batch)

@@ -241,6 +241,11 @@ def image_shape(config) -> tuple[int, int, int]:
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
+# Every function this package hands tf.data decides on tensors with tf.cond / tf.where
+# and uses Python `if` on settings only, so AutoGraph's rewrite of its source is not
+# needed; it cost about 1.5 s per pipeline built on a 2-core CPU (benchmarks/RESULTS.md).
+traced_as_written = tf.autograph.experimental.do_not_convert
+
 
 def with_channels(rgb: tf.Tensor, channels: int) -> tf.Tensor:
     """int32 RGB -> uint8 RGB, or its luma (`image_io.luma`) for one channel."""
@@ -314,7 +319,8 @@ def record_names(records: tf.data.Dataset, positions: list[int]) -> list[str]:
     if not positions:
         return []
     wanted, names = set(positions), []
-    for position, name in records.map(lambda ex: ex["name"]).enumerate().as_numpy_iterator():
+    names_only = traced_as_written(lambda ex: ex["name"])
+    for position, name in records.map(names_only).enumerate().as_numpy_iterator():
         if position in wanted:
             names.append(name.decode())
     return names

@@ -53,6 +53,7 @@ from vgg_jax.input_common import (
     process_share,
     record_names,
     shown_names,
+    traced_as_written,
 )
 
 log = logging.getLogger(__name__)
@@ -109,9 +110,10 @@ def _chunk_pairs(records: tf.data.Dataset, skip: int, local_batch: int) -> tf.da
     Records are only read here (never decoded), so skipped steps cost no decoding.
     """
     flat = records.repeat(2).enumerate().skip(skip * local_batch)
-    chunks = flat.map(lambda p, ex: {**ex, "position": p}).batch(local_batch, drop_remainder=True)
+    with_position = traced_as_written(lambda p, ex: {**ex, "position": p})
+    chunks = flat.map(with_position).batch(local_batch, drop_remainder=True)
     empty = tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), chunks.element_spec)
-    pairs = chunks.scan(empty, lambda prev, cur: (cur, (prev, cur)))
+    pairs = chunks.scan(empty, traced_as_written(lambda prev, cur: (cur, (prev, cur))))
     return pairs.skip(1)
 
 
@@ -142,12 +144,13 @@ def _train_epoch(config, source, aug, epoch, skip, steps, pi, pc, local_batch) -
         limit = prev["position"][0] + local_batch
         rows = tf.data.Dataset.from_tensor_slices(candidates)
         # Sequential map: a borrowed record is decoded only when an own one failed.
-        rows = rows.map(lambda ex: preprocess({**ex, "limit": limit})).ignore_errors()
+        rows = rows.map(traced_as_written(lambda ex: preprocess({**ex, "limit": limit})))
+        rows = rows.ignore_errors()
         batch = rows.take(local_batch).batch(local_batch)
         spec = batch.element_spec
         empty = tf.nest.map_structure(lambda s: tf.zeros([0, *s.shape[1:]], s.dtype), spec)
         batch = batch.concatenate(tf.data.Dataset.from_tensors(empty)).take(1)
-        return batch.map(lambda b: {**b, "names": candidates["name"]})
+        return batch.map(traced_as_written(lambda b: {**b, "names": candidates["name"]}))
 
     def check_label(ex):
         label = tf.cast(ex["label"], tf.int32)
@@ -159,9 +162,12 @@ def _train_epoch(config, source, aug, epoch, skip, steps, pi, pc, local_batch) -
 
     pairs = _chunk_pairs(records, skip, local_batch).take(steps - skip)
     ds = pairs.interleave(
-        fill, cycle_length=tf.data.AUTOTUNE, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+        traced_as_written(fill),
+        cycle_length=tf.data.AUTOTUNE,
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
     )
-    return ds.map(check_label).prefetch(tf.data.AUTOTUNE)
+    return ds.map(traced_as_written(check_label)).prefetch(tf.data.AUTOTUNE)
 
 
 def _bad_names(batch: Batch, b: int, local_batch: int, steps: int, shard: int) -> list[str]:
@@ -277,7 +283,7 @@ def _in_memory(config, source, aug: Augment, pi: int, pc: int):
             return normalize(image, config), tf.cast(ex["label"], tf.int32), position
 
         ds = records.enumerate().map(
-            preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+            traced_as_written(preprocess), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
         )
         images, labels, kept = [], [], []
         for image, label, position in ds.ignore_errors().batch(1024).as_numpy_iterator():
