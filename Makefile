@@ -21,9 +21,10 @@ setup:
 setup-demo:
 	@EXTRAS= $(SETUP)
 
+# The quick variant sets test_when_complete: the trainer ends with the test protocol's
+# table (`vgg_jax.evaluate --workdir`, run in the training process and stored).
 demo: setup-demo
 	$(PY) -m vgg_jax.train --config configs/fashion_mnist.py:quick --workdir $(WORKDIR)
-	$(PY) -m vgg_jax.evaluate --workdir $(WORKDIR)
 
 test: setup
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15

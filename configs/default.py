@@ -34,6 +34,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.train_scale_max = 256
     c.eval_scale = 256  # Q for the central-crop evaluation during training
     c.test_scales = ()  # Q of `vgg_jax.evaluate`; () = the paper's for the training scale
+    # When the run is complete, evaluate its best checkpoint with the test protocols in the
+    # training process (`vgg_jax.evaluate --workdir`, stored in WORKDIR/eval, where that
+    # command then finds it): no second start-up, import and compilation.
+    c.test_when_complete = False
     c.random_flip = True
     c.color_shift = 0.1  # std of the PCA colour shift's alpha; 0 disables it
     c.value_range = 255.0  # pixel values span [0, value_range] before mean subtraction

@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-from vgg_jax import checkpoints, configuration, data_sources, metrics, train
+from vgg_jax import checkpoints, configuration, data_sources, evaluate, metrics, train
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -28,7 +28,7 @@ def quick_config(**overrides):
     return config
 
 
-def test_quick_variant_trains_on_real_fashion_mnist(tmp_path):
+def test_quick_variant_trains_on_real_fashion_mnist(tmp_path, capsys):
     # One epoch of a 20,480-image slice (160 batches of 128) from the in-memory cache, which
     # then holds no more than the run reads (96 batches stay at chance: FC 4096 starts slowly).
     config = quick_config(
@@ -57,6 +57,15 @@ def test_quick_variant_trains_on_real_fashion_mnist(tmp_path):
     bundle = checkpoints.load_workdir(str(tmp_path), "best")
     assert bundle.num_classes == 10 and bundle.image_size == 32
     assert bundle.preprocessing.value_range == 1.0
+    # test_when_complete: the test protocol ran in this process and was stored. Dense at
+    # Q = 32 without flips is the trainer's central crop on these square images.
+    (row,) = result["test"]["rows"]
+    assert row["mode"] == "dense" and row["scales"] == [32] and row["count"] == 2000
+    assert abs(row["top1_error"] - (1 - evals[0]["eval_top1_accuracy"])) <= 2 / 2000
+    capsys.readouterr()
+    again = evaluate.main(["--workdir", str(tmp_path)])
+    assert "[evaluate] stored result" in capsys.readouterr().err
+    assert again["rows"] == result["test"]["rows"]
 
 
 def test_seed_compare_runs_both_implementations(tmp_path, capsys):

@@ -68,8 +68,10 @@ RESUMABLE_FIELDS = (
     # evaluation batch size only pads differently (masked), the figures are the same.
     "eval_every_epochs",
     "eval_batch_size",
-    # The scales `vgg_jax.evaluate` tests at after training: no step reads them.
+    # The scales `vgg_jax.evaluate` tests at after training, and whether the trainer runs
+    # it when done: no step reads them.
     "test_scales",
+    "test_when_complete",
     "checkpoint_every_steps",
     "keep_checkpoints",
     # The divergence guard's threshold: when to stop, not what a step computes (raising

@@ -498,12 +498,25 @@ def train_and_evaluate(
             f"{summary['eval_top1_accuracy']:.4f} (best {math.nan if best is None else best:.4f})."
             f" Curves: {fileio.join(fileio.absolute(workdir), metrics_lib.CURVES_FILE)}"
         )
+    if outcome.complete and config.get("test_when_complete", False):
+        summary["test"] = run_test_protocols(workdir)
     return summary
+
+
+def run_test_protocols(workdir: str) -> dict[str, Any]:
+    """`vgg_jax.evaluate --workdir` on a complete run, in this process (test_when_complete).
+
+    Every module it needs is imported and the data are prepared already, so the
+    evaluation costs its forward passes; the result is stored where the command
+    finds it (a complete run asked again prints it without evaluating).
+    """
+    from vgg_jax import evaluate
+
+    return evaluate.main(["--workdir", workdir])
 
 
 # ---------------------------------------------------------------------------
 # Command line.
-
 
 
 def use_compilation_cache() -> None:
