@@ -186,6 +186,7 @@ def test_evaluate_and_score_map_on_a_training_workdir(tmp_path, capsys):
     config = module.get_config("quick")
     config.update(dict(width_divisor=16, fc_width=32, max_steps=3, cache=False, progress_bar=False))
     config.test_scales = (32, 64)  # two scales, so that every kind of row is printed
+    config.test_when_complete = False  # this test runs the evaluations itself
     config.update(dict(tensorboard=False) if "tensorboard" in config else {})
     run = str(tmp_path / "run")
     train.train_and_evaluate(config, run)
