@@ -444,21 +444,20 @@ def test_local_two_processes_train_like_one(tmp_path):
         out = single.communicate(timeout=600)[0]
     assert single.returncode == 0, out[-3000:]
 
-    losses = {}
-    for run in ("two", "one"):  # both trained the 4 steps (not two equal initialisations)
-        records = metrics.read_metrics(str(tmp_path / run))
-        losses[run] = [r["train_loss"] for r in records if "train_loss" in r]
-        assert max(r["step"] for r in records if "train_loss" in r) == 4
-    np.testing.assert_allclose(losses["two"], losses["one"], rtol=1e-5)
+    records = {run: metrics.read_metrics(str(tmp_path / run)) for run in ("two", "one")}
+    trained = {run: [r for r in rs if "train_loss" in r] for run, rs in records.items()}
+    for run, rows in trained.items():  # both trained the 4 steps (not two equal initialisations)
+        assert max(r["step"] for r in rows) == 4, run
+    np.testing.assert_allclose([r["train_loss"] for r in trained["two"]],
+                               [r["train_loss"] for r in trained["one"]], rtol=1e-5)  # fmt: skip
     two, one = final_params(tmp_path / "two"), final_params(tmp_path / "one")
     assert two.keys() == one.keys() and len(two) > 0
     for name in two:
         np.testing.assert_allclose(two[name], one[name], rtol=1e-5, atol=1e-6, err_msg=name)
     # Skipped images: summed over the processes in metrics.jsonl (1 + 2 per step), and each
     # process's share kept in the checkpoint (each resumes its own: test_bad_images.py).
-    assert {r["bad_images_total"] for r in records if "bad_images_total" in r} == {0}  # "one"
-    records = metrics.read_metrics(str(tmp_path / "two"))
-    assert [r for r in records if "bad_images_total" in r][-1]["bad_images_total"] == 12
+    assert {r["bad_images_total"] for r in records["one"] if "bad_images_total" in r} == {0}
+    assert [r for r in records["two"] if "bad_images_total" in r][-1]["bad_images_total"] == 12
     meta = tmp_path / "two" / "checkpoints" / "4" / "meta" / "metadata"
     saved = json.loads(meta.read_text())["bad_images"]
     assert saved["processes"] == [[4, 4], [8, 8]] and saved["total"] == 12, saved

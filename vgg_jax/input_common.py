@@ -241,9 +241,10 @@ def image_shape(config) -> tuple[int, int, int]:
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
-# Every function this package hands tf.data decides on tensors with tf.cond / tf.where
-# and uses Python `if` on settings only, so AutoGraph's rewrite of its source is not
-# needed; it cost about 1.5 s per pipeline built on a 2-core CPU (benchmarks/RESULTS.md).
+# The functions the training and evaluation streams hand tf.data decide on tensors with
+# tf.cond / tf.where and use Python `if` on settings only, so AutoGraph's rewrite of their
+# source is not needed; it cost about 1.5 s per pipeline built on a 2-core CPU
+# (benchmarks/RESULTS.md). data_sources' record maps are one-line lambdas and keep it.
 traced_as_written = tf.autograph.experimental.do_not_convert
 
 
