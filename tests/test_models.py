@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from weights_util import random_variables
 
-from vgg_jax import models
+from vgg_jax import checkpoints, models
 
 # Totals from PAPER.md section 1 and the foundation issue (BN scale and bias
 # counted, running statistics not), conv-only counts from PAPER.md.
@@ -99,9 +100,10 @@ def test_unknown_option_is_named():
 
 @pytest.mark.parametrize("name", ["A", "D"])
 def test_fc_head_equals_score_map_at_training_size(name):
-    model = models.create_model(name)
+    # Narrow (the full widths' shapes are test_score_map_sizes'), at 224: FC1's 7x7 window.
+    model = models.create_model(name, width_divisor=8, fc_width=64)
     x = jax.random.normal(jax.random.key(1), (2, 224, 224, 3))
-    variables = jax.jit(model.init)(jax.random.key(0), x[:1])
+    variables = random_variables(model)
     logits = jax.jit(model.apply)(variables, x)
     score_map = jax.jit(lambda v, x: model.apply(v, x, method="score_map"))(variables, x)
     assert logits.shape == (2, 1000)
@@ -124,13 +126,15 @@ def test_score_map_sizes(side, positions):
 
 def test_wrong_input_size_is_a_clear_error():
     model = models.create_model("A", width_divisor=16, fc_width=32, image_size=32)
-    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))
+    variables = checkpoints.expected_variables(model, channels=1)  # raised while tracing
     with pytest.raises(ValueError, match="32x32"):
-        model.apply(variables, jnp.zeros((1, 40, 40, 1)))
+        jax.eval_shape(model.apply, variables, jnp.zeros((1, 40, 40, 1)))
     with pytest.raises(ValueError, match="at least 32x32"):
-        model.apply(variables, jnp.zeros((1, 16, 40, 1)), method="score_map")
+        jax.eval_shape(
+            lambda v, x: model.apply(v, x, method="score_map"), variables, jnp.zeros((1, 16, 40, 1))
+        )
     with pytest.raises(ValueError, match="NHWC"):
-        model.apply(variables, jnp.zeros((32, 32, 1)))
+        jax.eval_shape(model.apply, variables, jnp.zeros((32, 32, 1)))
 
 
 def test_small_resolution_head_is_one_by_one():
@@ -166,15 +170,16 @@ def test_lrn_model_differs_from_plain_a():
     x = jax.random.uniform(jax.random.key(3), (1, 32, 32, 3)) * 255
     plain = models.create_model("A", width_divisor=8, fc_width=16, image_size=32)
     lrn = models.create_model("A-LRN", width_divisor=8, fc_width=16, image_size=32)
-    variables = jax.jit(plain.init)(jax.random.key(0), x)
-    assert jax.tree.structure(variables) == jax.tree.structure(
-        jax.jit(lrn.init)(jax.random.key(0), x)
+    variables = random_variables(plain)
+    assert jax.tree.structure(variables) == jax.tree.structure(checkpoints.expected_variables(lrn))
+    # Compiled whole, not run eagerly (one compilation per primitive otherwise).
+    feats = jax.jit(lambda v, x: lrn.apply(v, x, ["relu1_1", "lrn1"], method="extract"))(
+        variables, x
     )
-    feats = lrn.apply(variables, x, ["relu1_1", "lrn1"], method="extract")
     np.testing.assert_allclose(
         feats["lrn1"], models.layers.local_response_norm(feats["relu1_1"]), rtol=1e-6
     )
-    assert not np.allclose(plain.apply(variables, x), lrn.apply(variables, x))
+    assert not np.allclose(jax.jit(plain.apply)(variables, x), jax.jit(lrn.apply)(variables, x))
 
 
 def test_initializers():
@@ -195,8 +200,7 @@ def test_initializers():
 
 
 def _train_a_few_steps(model, x, y, steps=5):
-    variables = jax.jit(model.init)(jax.random.key(0), x)
-    params = variables["params"]
+    params = random_variables(model, channels=x.shape[-1])["params"]
     tx = optax.sgd(0.01, momentum=0.9)
     opt_state = tx.init(params)
 
@@ -235,7 +239,7 @@ def test_bfloat16_compute_with_float32_params():
     params, losses = _train_a_few_steps(model, x, jnp.arange(4), steps=3)
     assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(params))
     assert np.all(np.isfinite(losses))
-    logits = model.apply({"params": params}, x)
+    logits = jax.jit(model.apply)({"params": params}, x)
     assert logits.dtype == jnp.float32
 
 
@@ -244,11 +248,13 @@ def test_batch_norm_variant_updates_statistics():
         "vgg11_bn", num_classes=10, width_divisor=8, fc_width=32, image_size=32
     )
     x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3)) + 3.0
-    variables = jax.jit(model.init)(jax.random.key(0), x)
+    variables = random_variables(model)
     assert "bn1_1" in variables["batch_stats"]["features"]
-    _, updated = model.apply(
-        variables, x, train=True, rngs={"dropout": jax.random.key(1)}, mutable=["batch_stats"]
-    )
+
+    def train_apply(v, x, rng):
+        return model.apply(v, x, train=True, rngs={"dropout": rng}, mutable=["batch_stats"])
+
+    _, updated = jax.jit(train_apply)(variables, x, jax.random.key(1))
     before = variables["batch_stats"]["features"]["bn1_1"]["mean"]
     after = updated["batch_stats"]["features"]["bn1_1"]["mean"]
     assert not np.allclose(before, after)
@@ -257,10 +263,13 @@ def test_batch_norm_variant_updates_statistics():
 def test_extract_named_layers_any_size():
     model = models.create_model("D", width_divisor=16, fc_width=32, image_size=32)
     x = jnp.ones((1, 64, 96, 3))
-    variables = jax.jit(model.init)(jax.random.key(0), jnp.ones((1, 32, 32, 3)))
-    feats = model.apply(variables, x, ["conv1_1", "pool5", "fc7"], method="extract")
+    # Shapes only: traced, not computed.
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.ones((1, 32, 32, 3))))
+    feats = jax.eval_shape(
+        lambda v, x: model.apply(v, x, ["conv1_1", "pool5", "fc7"], method="extract"), variables, x
+    )
     assert feats["conv1_1"].shape == (1, 64, 96, 4)
     assert feats["pool5"].shape == (1, 2, 3, 32)
     assert feats["fc7"].shape == (1, 2, 3, 32)
     with pytest.raises(ValueError, match="conv5_4"):
-        model.apply(variables, x, ["conv5_4"], method="extract")
+        jax.eval_shape(lambda v, x: model.apply(v, x, ["conv5_4"], method="extract"), variables, x)
