@@ -10,10 +10,15 @@ from PIL import Image
 from vgg_jax import checkpoints, models
 
 
-def random_variables(model: models.VGG, seed: int = 0) -> dict:
-    """Random variables of the model's shapes, without compiling its initialiser."""
+def random_variables(model: models.VGG, seed: int = 0, channels: int = 3) -> dict:
+    """Random variables of the model's shapes, without compiling its initialiser.
+
+    He-normal kernels and biases, BN statistics and scales in [0.5, 1.5]. Compiling
+    `model.init` costs seconds per model on CPU (jax's partitionable threefry); tests
+    that need some variables, not the initialisers' own, take these.
+    """
     rng = np.random.default_rng(seed)
-    shapes = checkpoints.expected_variables(model)
+    shapes = checkpoints.expected_variables(model, channels)
 
     def fill(path, leaf):
         if path[-1].key in ("var", "scale"):  # positive, like BN statistics and scales
