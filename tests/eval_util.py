@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+from weights_util import rbg_key
 
 from vgg_jax import models
 
@@ -13,7 +14,7 @@ OPTIONS = dict(num_classes=10, width_divisor=16, fc_width=32, image_size=SIZE)
 def random_net():
     """VGG-A, tiny widths, non-zero biases (so that zero padding is not accidentally harmless)."""
     model = models.create_model("A", **OPTIONS)
-    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)))
+    variables = jax.jit(model.init)(rbg_key(0), jnp.zeros((1, SIZE, SIZE, 3)))
     rng = np.random.default_rng(0)
     variables = jax.tree.map(
         lambda x: np.asarray(x) + np.float32(0.05) * rng.standard_normal(x.shape, np.float32),

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from eval_util import OPTIONS, SIZE, images, plain_softmax, random_net
+from weights_util import rbg_key
 
 from vgg_jax import checkpoints, evaluate, image_io, models
 from vgg_jax import protocols as pr
@@ -80,7 +81,7 @@ def test_default_batch_holds_about_the_pixels_of_eight_images_at_224():
 def save_bundle(path, channels, seed=0, num_classes=None, **metadata):
     options = {**OPTIONS, **({"num_classes": num_classes} if num_classes else {})}
     model = models.create_model("A", **options)
-    variables = jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, SIZE, SIZE, channels)))
+    variables = jax.jit(model.init)(rbg_key(seed), jnp.zeros((1, SIZE, SIZE, channels)))
     pre = checkpoints.Preprocessing(mean=(0.3,) * channels, value_range=1.0, std=(0.3,) * channels)
     bundle = checkpoints.ModelBundle("vgg11", options, dict(variables), pre, metadata)
     return checkpoints.save_bundle(path, bundle)

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from weights_util import rbg_key
 
 from vgg_jax import backend, layers, models
 
@@ -137,7 +138,7 @@ def test_whole_model_same_under_both_formulations():
     # 32 px: stage 5 runs on 2x2 maps, so the small-map matmul is exercised.
     model = models.create_model("A", 10, width_divisor=16, fc_width=32, image_size=32)
     x = jax.random.uniform(jax.random.key(3), (2, 32, 32, 1))
-    params = jax.jit(model.init)(jax.random.key(4), x)["params"]
+    params = jax.jit(model.init)(rbg_key(4), x)["params"]
     out = {}
     for name in ("lax", "fast"):
         with layers.use_formulation(name):  # traced inside: one compilation per formulation

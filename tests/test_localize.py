@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from weights_util import rbg_key
 
 from vgg_jax import (
     boxes,
@@ -144,10 +144,9 @@ def test_transfer_copies_bn_layers_and_statistics():
     source_model = models.create_model("vgg11_bn", num_classes=10, **kw)
     target_model = models.create_model("vgg11_bn", num_classes=4, **kw)
     x = jnp.ones((1, 32, 32, 1))
-    key = functools.partial(jax.random.key, impl="rbg")  # compiles far faster than threefry
-    source = jax.jit(source_model.init)(key(1), x)
+    source = jax.jit(source_model.init)(rbg_key(1), x)
     source = jax.tree.map(lambda a: a + 0.5, source)  # distinguishable from a fresh init
-    target = jax.jit(target_model.init)(key(2), x)
+    target = jax.jit(target_model.init)(rbg_key(2), x)
     params = train.transfer_params(target["params"], source["params"], "same", lambda s: None)
     np.testing.assert_array_equal(
         params["features"]["bn2_1"]["scale"], source["params"]["features"]["bn2_1"]["scale"]

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from weights_util import random_variables
+from weights_util import random_variables, rbg_key
 
 from vgg_jax import checkpoints, models
 
@@ -188,12 +188,12 @@ def test_initializers():
     model = models.create_model(
         "A", width_divisor=4, fc_width=256, image_size=32, initializer="normal"
     )
-    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+    params = jax.jit(model.init)(rbg_key(0), jnp.zeros((1, 32, 32, 3)))["params"]
     kernel = np.asarray(params["features"]["conv3_1"]["kernel"])
     assert kernel.std() == pytest.approx(0.01, rel=0.05)
     assert np.all(np.asarray(params["fc7"]["bias"]) == 0)
     g = models.create_model("A", width_divisor=4, fc_width=256, image_size=32)
-    gp = jax.jit(g.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+    gp = jax.jit(g.init)(rbg_key(0), jnp.zeros((1, 32, 32, 3)))["params"]
     w = np.asarray(gp["fc7"]["kernel"])
     limit = np.sqrt(6.0 / (256 + 256))
     assert np.abs(w).max() <= limit and np.abs(w).max() > 0.9 * limit

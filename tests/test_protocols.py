@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from eval_util import OPTIONS, SIZE, images, plain_softmax, random_net
+from weights_util import rbg_key
 
 from vgg_jax import checkpoints, evaluate, image_io, metrics, models
 from vgg_jax import protocols as pr
@@ -82,7 +83,7 @@ def compiled_probs(dense):
 def test_compilations_bounded_by_buckets():
     # A network of its own, so that the jit cache (shared per network) starts empty.
     model = models.create_model("A", **{**OPTIONS, "fc_width": 24})
-    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)))
+    variables = jax.jit(model.init)(rbg_key(0), jnp.zeros((1, SIZE, SIZE, 3)))
     rng = np.random.default_rng(2)
     # 12 images of 12 different sizes with smallest side 32: long side 32..63 -> 1 or 2 buckets.
     shapes = [

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 from skimage import data
+from weights_util import rbg_key
 
 from vgg_jax import checkpoints, models, score_map
 
@@ -28,7 +29,7 @@ def test_full_image_map_puts_each_cell_at_its_windows_centre_and_covers_the_imag
 
 def test_cli_takes_weights_and_prints_the_datasets_class_names(tmp_path, capsys):
     model = models.create_model("A", **OPTIONS)
-    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))
+    variables = jax.jit(model.init)(rbg_key(0), jnp.zeros((1, 32, 32, 1)))
     pre = checkpoints.Preprocessing(value_range=1.0, mean=(0.3,), std=(0.3,))
     bundle = checkpoints.ModelBundle(
         "vgg11", OPTIONS, dict(variables), pre, {"dataset": "fashion_mnist"}

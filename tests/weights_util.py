@@ -10,6 +10,12 @@ from PIL import Image
 from vgg_jax import checkpoints, models
 
 
+def rbg_key(seed: int) -> jax.Array:
+    """A key for tests whose variables need only be random: `model.init` under it compiles
+    about 4x faster on CPU than under jax's default threefry (1.4 s vs 6.0 s, tiny VGG-A)."""
+    return jax.random.key(seed, impl="rbg")
+
+
 def random_variables(model: models.VGG, seed: int = 0, channels: int = 3) -> dict:
     """Random variables of the model's shapes, without compiling its initialiser.
 
