@@ -21,13 +21,22 @@ multiplied by the number of batches the split needs. Their ratio is the
 evaluator's efficiency (1.0: it costs exactly its forward passes):
 
     python -m benchmarks.eval_throughput --end-to-end runs/fashion_mnist_quick
+
+`--in-process` times the evaluation the way `make demo` makes it: inside the
+process that trained (config `test_when_complete`), where the trainer's modules
+are imported and its validation stream has read the split once; what is
+timed is `vgg_jax.evaluate.main` itself: loading the best checkpoint, building
+the protocols and their data stream, compiling and evaluating. The persistent
+compilation cache is off, as in a first demo, so compilation counts in full.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
+import io
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -62,6 +71,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json-out", default=None)
     p.add_argument("--end-to-end", default="", metavar="WORKDIR", help="time the command")
     p.add_argument("--limit", type=int, default=0, help="--end-to-end: first N test images")
+    p.add_argument("--in-process", action="store_true", help="--end-to-end: as the trainer runs it")
     p.add_argument(
         "--eval-batch", type=int, help="--end-to-end: --batch-size (default: the evaluator's)"
     )
@@ -168,6 +178,18 @@ def bare_dense_seconds(member, scales, rows: int, calls: int, repeats: int) -> d
     return out
 
 
+def like_the_trainer(config: Any) -> None:
+    """This process as the trainer leaves it: its modules imported, the split read once.
+
+    No persistent compilation cache (a first demo compiles the test shapes anew).
+    """
+    from vgg_jax import input_pipeline, train  # noqa: F401  (the trainer's imports)
+
+    jax.config.update("jax_compilation_cache_dir", None)
+    for _ in input_pipeline.eval_dataset(config):
+        pass
+
+
 def end_to_end(args: argparse.Namespace) -> dict[str, Any]:
     """The evaluation command's wall time against the bare forward passes it makes."""
     import math
@@ -188,15 +210,22 @@ def end_to_end(args: argparse.Namespace) -> dict[str, Any]:
     rows = views * batch
     per_call = bare_dense_seconds(member, scales, rows, max(args.steps, 10), args.repeats)
     bare = sum(t * math.ceil(views * n / rows) for t in per_call.values())
-    command = [sys.executable, "-m", "vgg_jax.evaluate", "--workdir", workdir, "--recompute"]
-    command += ["--batch-size", str(batch)]
-    command += ["--limit", str(args.limit)] if args.limit else []
+    flags = ["--workdir", workdir, "--recompute", "--batch-size", str(batch)]
+    flags += ["--limit", str(args.limit)] if args.limit else []
+    if args.in_process:
+        like_the_trainer(config)
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    if args.in_process:
+        with contextlib.redirect_stdout(io.StringIO()):
+            evaluate.main(flags)
+    else:
+        command = [sys.executable, "-m", "vgg_jax.evaluate", *flags]
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - start
     record = {
         "bench": "eval_end_to_end",
+        "in_process": args.in_process,
         "workdir": workdir,
         "images": n,
         "scales": list(scales),
@@ -210,8 +239,9 @@ def end_to_end(args: argparse.Namespace) -> dict[str, Any]:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
     common.emit_json(record, args.json_out)
+    where = "in the trainer's process" if args.in_process else "end to end"
     print(
-        f"end to end: {wall:.1f} s for {n} images ({n / wall:.0f} images/s), bare dense forward "
+        f"{where}: {wall:.1f} s for {n} images ({n / wall:.0f} images/s), bare dense forward "
         f"at the same shapes {bare:.1f} s: {bare / wall:.2f}x (load {record['load_avg']:.1f})"
     )
     return record

@@ -16,12 +16,19 @@ from vgg_jax import backend, layers, models
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
+def normal(seed: int, shape, scale: float = 1.0) -> jnp.ndarray:
+    """Standard-normal float32 test data from numpy: jax.random would compile threefry for
+    every new shape (seconds each on CPU)."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape) * scale, jnp.float32)
+
+
 def grads(f, *args):
     """Value and gradients of sum(f(...) * r) for a fixed random cotangent r."""
+    out = jax.eval_shape(f, *args)
+    r = normal(7, out.shape).astype(out.dtype)
 
     def scalar(*a):
         y = f(*a)
-        r = jax.random.normal(jax.random.key(7), y.shape, y.dtype)
         return jnp.sum(y * r), y
 
     # Compiled as one program: run eagerly, every primitive would be compiled on its own.
@@ -43,7 +50,7 @@ def test_max_pool_matches_lax_with_ties(shape):
 
 
 def test_max_pool_random_values_and_all_equal_window():
-    x = jax.random.normal(jax.random.key(1), (2, 9, 6, 4))
+    x = normal(1, (2, 9, 6, 4))
     for arr in (x, jnp.ones((1, 2, 2, 1))):
         y_lax, (g_lax,) = grads(layers.max_pool_2x2_lax, arr)
         y_fast, (g_fast,) = grads(layers.max_pool_2x2_reshape, arr)
@@ -62,9 +69,7 @@ def test_max_pool_rejects_too_small_maps():
      ((4, 3), 2, "SAME"), ((3, 3), 3, "VALID"), ((5, 4), 2, "VALID")],
 )  # fmt: skip
 def test_conv_matmul_matches_lax(hw, k, padding):
-    keys = jax.random.split(jax.random.key(2), 2)
-    x = jax.random.normal(keys[0], (2, *hw, 6))
-    w = jax.random.normal(keys[1], (k, k, 6, 5)) * 0.3
+    x, w = normal(2, (2, *hw, 6)), normal(3, (k, k, 6, 5), 0.3)
     y_lax, g_lax = grads(lambda a, b: layers.conv2d_lax(a, b, padding), x, w)
     y_mm, g_mm = grads(lambda a, b: layers.conv2d_matmul(a, b, padding), x, w)
     np.testing.assert_allclose(y_mm, y_lax, **TOL)
@@ -78,9 +83,7 @@ def test_conv_matmul_matches_lax(hw, k, padding):
      (2, (4, 3), 2, "SAME"), (3, (2, 2), 1, "SAME")],
 )  # fmt: skip
 def test_conv_taps_matches_lax(cin, hw, k, padding):
-    keys = jax.random.split(jax.random.key(8), 2)
-    x = jax.random.normal(keys[0], (2, *hw, cin))
-    w = jax.random.normal(keys[1], (k, k, cin, 5)) * 0.3
+    x, w = normal(8, (2, *hw, cin)), normal(9, (k, k, cin, 5), 0.3)
     y_lax, g_lax = grads(lambda a, b: layers.conv2d_lax(a, b, padding), x, w)
     y_taps, g_taps = grads(lambda a, b: layers.conv2d_taps(a, b, padding), x, w)
     np.testing.assert_allclose(y_taps, y_lax, **TOL)
@@ -137,7 +140,7 @@ def test_formulation_selection():
 def test_whole_model_same_under_both_formulations():
     # 32 px: stage 5 runs on 2x2 maps, so the small-map matmul is exercised.
     model = models.create_model("A", 10, width_divisor=16, fc_width=32, image_size=32)
-    x = jax.random.uniform(jax.random.key(3), (2, 32, 32, 1))
+    x = jnp.asarray(np.random.default_rng(3).uniform(size=(2, 32, 32, 1)), jnp.float32)
     params = jax.jit(model.init)(rbg_key(4), x)["params"]
     out = {}
     for name in ("lax", "fast"):
@@ -210,9 +213,8 @@ def test_this_session_has_both_flags():
 
 
 def test_bfloat16_keeps_dtype_and_matches():
-    keys = jax.random.split(jax.random.key(5), 2)
-    x = jax.random.normal(keys[0], (2, 2, 2, 64)).astype(jnp.bfloat16)
-    w = (jax.random.normal(keys[1], (3, 3, 64, 8)) * 0.1).astype(jnp.bfloat16)
+    x = normal(5, (2, 2, 2, 64)).astype(jnp.bfloat16)
+    w = normal(6, (3, 3, 64, 8), 0.1).astype(jnp.bfloat16)
     fast, plain = layers.conv2d_matmul(x, w), layers.conv2d_lax(x, w)
     assert fast.dtype == jnp.bfloat16
     np.testing.assert_allclose(
