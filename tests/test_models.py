@@ -102,7 +102,7 @@ def test_unknown_option_is_named():
 def test_fc_head_equals_score_map_at_training_size(name):
     # Narrow (the full widths' shapes are test_score_map_sizes'), at 224: FC1's 7x7 window.
     model = models.create_model(name, width_divisor=8, fc_width=64)
-    x = jax.random.normal(jax.random.key(1), (2, 224, 224, 3))
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 224, 224, 3)), jnp.float32)
     variables = random_variables(model)
     logits = jax.jit(model.apply)(variables, x)
     score_map = jax.jit(lambda v, x: model.apply(v, x, method="score_map"))(variables, x)
@@ -167,7 +167,7 @@ def test_lrn_matches_formula():
 
 
 def test_lrn_model_differs_from_plain_a():
-    x = jax.random.uniform(jax.random.key(3), (1, 32, 32, 3)) * 255
+    x = jnp.asarray(np.random.default_rng(3).uniform(0, 255, (1, 32, 32, 3)), jnp.float32)
     plain = models.create_model("A", width_divisor=8, fc_width=16, image_size=32)
     lrn = models.create_model("A-LRN", width_divisor=8, fc_width=16, image_size=32)
     variables = random_variables(plain)
@@ -216,14 +216,14 @@ def _train_a_few_steps(model, x, y, steps=5):
 
     losses = []
     for i in range(steps):
-        params, opt_state, loss = step(params, opt_state, jax.random.key(i))
+        params, opt_state, loss = step(params, opt_state, rbg_key(i))
         losses.append(float(loss))
     return params, losses
 
 
 def test_width_divided_model_trains_without_nan():
     model = models.create_model("A", num_classes=10, width_divisor=8, fc_width=64, image_size=32)
-    x = jax.random.normal(jax.random.key(0), (16, 32, 32, 1))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((16, 32, 32, 1)), jnp.float32)
     y = jnp.arange(16) % 10
     params, losses = _train_a_few_steps(model, x, y, steps=20)
     assert np.all(np.isfinite(losses))
@@ -235,7 +235,7 @@ def test_bfloat16_compute_with_float32_params():
     model = models.create_model(
         "B", num_classes=10, width_divisor=8, fc_width=64, image_size=32, dtype="bfloat16"
     )
-    x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 32, 32, 3)), jnp.float32)
     params, losses = _train_a_few_steps(model, x, jnp.arange(4), steps=3)
     assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(params))
     assert np.all(np.isfinite(losses))
@@ -247,14 +247,14 @@ def test_batch_norm_variant_updates_statistics():
     model = models.create_model(
         "vgg11_bn", num_classes=10, width_divisor=8, fc_width=32, image_size=32
     )
-    x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3)) + 3.0
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 32, 32, 3)) + 3.0, jnp.float32)
     variables = random_variables(model)
     assert "bn1_1" in variables["batch_stats"]["features"]
 
     def train_apply(v, x, rng):
         return model.apply(v, x, train=True, rngs={"dropout": rng}, mutable=["batch_stats"])
 
-    _, updated = jax.jit(train_apply)(variables, x, jax.random.key(1))
+    _, updated = jax.jit(train_apply)(variables, x, rbg_key(1))
     before = variables["batch_stats"]["features"]["bn1_1"]["mean"]
     after = updated["batch_stats"]["features"]["bn1_1"]["mean"]
     assert not np.allclose(before, after)
