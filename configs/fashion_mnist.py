@@ -6,8 +6,8 @@
   weight decay, x0.9 every 3 epochs, batch 64, 10 epochs, test accuracy after
   each epoch.
 * `:quick`: the same network at 32x32 for 2 epochs, for a laptop CPU
-  (`make demo`: test top-1 0.89 in about 4 minutes on 2 cores; measured in
-  benchmarks/RESULTS.md).
+  (`make demo`: test top-1 0.89 in 3-4 minutes on 2 cores, evaluation included;
+  measured in benchmarks/RESULTS.md).
 * `:d2l`: the d2l book's settings (lr 0.05, batch 128) at 224.
 """
 

@@ -211,15 +211,14 @@ def test_predict_accepts_a_training_workdir(trained, folder):
 
 
 def test_bundle_with_another_channel_or_class_count_than_the_data(tmp_path, folder):
-    import jax
-    import jax.numpy as jnp
+    from weights_util import random_variables
 
     from vgg_jax import checkpoints, models
 
     options = dict(num_classes=2, width_divisor=16, fc_width=32, image_size=32)
     model = models.create_model("vgg11", **options)
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))  # greyscale
-    bundle = checkpoints.ModelBundle("vgg11", options, dict(variables))
+    variables = random_variables(model, channels=1)  # greyscale
+    bundle = checkpoints.ModelBundle("vgg11", options, variables)
     checkpoints.save_bundle(tmp_path / "m", bundle)
     proc = _command("evaluate", "--checkpoint", tmp_path / "m", "--config", folder / "tiny.py",
                     "--scales", "32", "--no-flip")  # fmt: skip
@@ -228,7 +227,7 @@ def test_bundle_with_another_channel_or_class_count_than_the_data(tmp_path, fold
 
     options["num_classes"] = 5  # RGB as the data, but 5 classes where the folder has 2
     model = models.create_model("vgg11", **options)
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    variables = random_variables(model)
     checkpoints.save_bundle(tmp_path / "m5", checkpoints.ModelBundle("vgg11", options, variables))
     proc = _command("evaluate", "--checkpoint", tmp_path / "m5", "--config", folder / "tiny.py",
                     "--scales", "32", "--no-flip")  # fmt: skip
