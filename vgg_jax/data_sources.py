@@ -96,12 +96,13 @@ def read_idx(path: str, magic: int, count: int) -> np.ndarray:
 def find_fashion_mnist_dir(manual_dir: str = "") -> str | None:
     """First directory with all four IDX files: manual_dir, $VGG_JAX_FASHION_MNIST_DIR, Debian."""
     for d in (manual_dir, os.environ.get(FASHION_MNIST_ENV, ""), DEBIAN_FASHION_MNIST_DIR):
-        if d and all(_idx_path(d, stem) for stem in _FASHION_IDX):
+        if d and all(idx_path(d, stem) for stem in _FASHION_IDX):
             return d
     return None
 
 
-def _idx_path(directory: str, stem: str) -> str | None:
+def idx_path(directory: str, stem: str) -> str | None:
+    """The IDX file `stem` in `directory`, plain or gzipped (Debian ships .gz); None if absent."""
     for name in (stem, stem + ".gz"):
         p = os.path.join(directory, name)
         if os.path.isfile(p):
@@ -129,7 +130,7 @@ class _LocalFashionMNIST(tfds.image_classification.FashionMNIST, skip_registrati
             out = []
             for kind in ("images-idx3", "labels-idx1"):
                 stem = f"{prefix}-{kind}-ubyte"
-                out.append(read_idx(_idx_path(self._idx_dir, stem), *_FASHION_IDX[stem]))
+                out.append(read_idx(idx_path(self._idx_dir, stem), *_FASHION_IDX[stem]))
             return out
 
         return [

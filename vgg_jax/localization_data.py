@@ -82,7 +82,7 @@ def fashion_mnist_items(split: str, manual_dir: str = "") -> tuple[np.ndarray, n
     out = []
     for kind in ("images-idx3", "labels-idx1"):
         stem = f"{prefix}-{kind}-ubyte"
-        path = data_sources._idx_path(directory, stem)
+        path = data_sources.idx_path(directory, stem)
         out.append(data_sources.read_idx(path, *data_sources._FASHION_IDX[stem]))
     return out[0], out[1].astype(np.int32)
 
