@@ -27,6 +27,8 @@ below that median (the loss of step s is computed with the parameters of the
 checkpoint at step s - 1, so the checkpoint just before the bad step is
 never it). Checkpoints newer than it are moved to workdir/diverged/ (not
 deleted), so a rerun with a lower learning rate resumes from it.
+
+(About 630 lines, and one idea: the loop every task shares.)
 """
 
 from __future__ import annotations
