@@ -70,6 +70,9 @@ def ours(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
     spe = input_pipeline.steps_per_epoch(config)  # also prepares the dataset (not timed)
     if args.limit_steps:
         config.max_steps = args.epochs * min(args.limit_steps, spe)
+        # tf.data fills its shuffle buffer before the first batch: the seed's 60,000 would
+        # read the whole training set for a few steps (PyTorch's sampler reads nothing ahead).
+        config.shuffle_buffer = min(config.shuffle_buffer, config.max_steps * SEED_BATCH)
     steps = train.total_steps(config, spe)
     config.log_every_steps = max(1, min(25, steps // 5))  # >= 5 intervals: one holds compilation
     start = time.perf_counter()
