@@ -96,18 +96,31 @@ def read_idx(path: str, magic: int, count: int) -> np.ndarray:
 def find_fashion_mnist_dir(manual_dir: str = "") -> str | None:
     """First directory with all four IDX files: manual_dir, $VGG_JAX_FASHION_MNIST_DIR, Debian."""
     for d in (manual_dir, os.environ.get(FASHION_MNIST_ENV, ""), DEBIAN_FASHION_MNIST_DIR):
-        if d and all(idx_path(d, stem) for stem in _FASHION_IDX):
+        if d and all(_idx_path(d, stem) for stem in _FASHION_IDX):
             return d
     return None
 
 
-def idx_path(directory: str, stem: str) -> str | None:
+def _idx_path(directory: str, stem: str) -> str | None:
     """The IDX file `stem` in `directory`, plain or gzipped (Debian ships .gz); None if absent."""
     for name in (stem, stem + ".gz"):
         p = os.path.join(directory, name)
         if os.path.isfile(p):
             return p
     return None
+
+
+def read_fashion_mnist(directory: str, prefix: str) -> tuple[np.ndarray, np.ndarray]:
+    """Images (n, 28, 28, 1) uint8 and labels (n,) of one split's IDX files in `directory`.
+
+    `prefix` is the files' own name of the split: "train" or "t10k".
+    """
+
+    def read(kind: str) -> np.ndarray:
+        stem = f"{prefix}-{kind}-ubyte"
+        return read_idx(_idx_path(directory, stem), *_FASHION_IDX[stem])
+
+    return read("images-idx3"), read("labels-idx1")
 
 
 class _LocalFashionMNIST(tfds.image_classification.FashionMNIST, skip_registration=True):
@@ -126,16 +139,11 @@ class _LocalFashionMNIST(tfds.image_classification.FashionMNIST, skip_registrati
     def _split_generators(self, dl_manager):
         del dl_manager  # nothing to download
 
-        def arrays(prefix: str):
-            out = []
-            for kind in ("images-idx3", "labels-idx1"):
-                stem = f"{prefix}-{kind}-ubyte"
-                out.append(read_idx(idx_path(self._idx_dir, stem), *_FASHION_IDX[stem]))
-            return out
-
         return [
-            tfds.core.SplitGenerator(name="train", gen_kwargs={"arrays": arrays("train")}),
-            tfds.core.SplitGenerator(name="test", gen_kwargs={"arrays": arrays("t10k")}),
+            tfds.core.SplitGenerator(
+                name=name, gen_kwargs={"arrays": read_fashion_mnist(self._idx_dir, prefix)}
+            )
+            for name, prefix in (("train", "train"), ("test", "t10k"))
         ]
 
     def _generate_examples(self, arrays):

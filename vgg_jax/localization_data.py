@@ -79,12 +79,8 @@ def fashion_mnist_items(split: str, manual_dir: str = "") -> tuple[np.ndarray, n
     directory = data_sources.find_fashion_mnist_dir(manual_dir)
     if directory is None:
         raise FileNotFoundError(data_sources.FASHION_MNIST_HELP)
-    out = []
-    for kind in ("images-idx3", "labels-idx1"):
-        stem = f"{prefix}-{kind}-ubyte"
-        path = data_sources.idx_path(directory, stem)
-        out.append(data_sources.read_idx(path, *data_sources._FASHION_IDX[stem]))
-    return out[0], out[1].astype(np.int32)
+    images, labels = data_sources.read_fashion_mnist(directory, prefix)
+    return images, labels.astype(np.int32)
 
 
 def item_box(item: np.ndarray) -> tuple[int, int, int, int]:

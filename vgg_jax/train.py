@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import logging
 import math
 import os
@@ -510,8 +511,6 @@ def run_test_protocols(workdir: str) -> dict[str, Any]:
     evaluation costs its forward passes; the result is stored where the command
     finds it (a complete run asked again prints it without evaluating).
     """
-    import gc
-
     from vgg_jax import evaluate
 
     # What the training left for the cycle collector (TensorFlow graphs of its streams,
