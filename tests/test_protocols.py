@@ -101,6 +101,23 @@ def test_compilations_bounded_by_buckets():
     assert compiled_probs(dense) == dense.compiled_shapes == compiled
 
 
+def test_a_short_last_chunk_runs_in_a_batch_already_compiled(net):
+    model, variables = net
+    imgs = images([(SIZE, SIZE)] * 20, seed=4)
+    # 16 rows a call (8 devices): 16 images, then the last 4 padded into the same 16 rows,
+    # not a new 8-row shape (the next power of two, rounded up to the devices).
+    dense = pr.DenseEvaluator(model, variables, scales=(SIZE,), flip=False, batch_size=16)
+    got = dense.predict(imgs)
+    assert dense.compiled_shapes == 1
+    np.testing.assert_allclose(
+        got, plain_softmax(model, variables, np.stack(imgs)), rtol=1e-5, atol=1e-6
+    )
+    # An evaluator that has run nothing yet still runs a short batch at fewer rows.
+    fresh = pr.DenseEvaluator(model, variables, scales=(SIZE,), flip=False, batch_size=16)
+    fresh.predict(imgs[:4])
+    assert {shape[0] for _, _, shape in fresh._compiled} == {8}
+
+
 def test_multicrop_1x1_at_training_size_is_the_central_crop(net):
     model, variables = net
     imgs = images([(32, 48), (56, 32), (32, 32)])

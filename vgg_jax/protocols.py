@@ -236,8 +236,8 @@ class DenseEvaluator:
         self.variables = self._devices.put_replicated(dict(variables))
         self.num_classes = model.num_classes
         self._window = models.feature_map_size(model.image_size)
-        # (kind, shape) of every batch run, i.e. the shapes this evaluator needs compiled.
-        self._compiled: set[tuple[str, tuple[int, ...]]] = set()
+        # (kind, masked, shape) of every batch run: the shapes this evaluator needs compiled.
+        self._compiled: set[tuple[str, bool, tuple[int, ...]]] = set()
         # {(kind, masked): jitted forward}: kind "probs" or "maps"; unmasked for unpadded batches.
         self._fns = {
             (kind, masked): _dense_fn(
@@ -256,25 +256,40 @@ class DenseEvaluator:
         m = self.bucket_multiple
         return -(-height // m) * m, -(-width // m) * m
 
+    def _rows(self, n: int, kind: str, masked: bool, image_shape: tuple[int, ...]) -> int:
+        """Rows of the batch that runs `n` images of `image_shape` (H, W, C) in one call.
+
+        The smallest batch this evaluator already ran for that call, if one holds them:
+        a few padded rows cost less than a compilation (0.6 s for the demo's last 16 test
+        images, against 55 ms for the 240 rows that pad them to 256). Else a bucket's
+        short last chunk runs at the next power of two rows, not the full batch (a
+        bounded set of sizes, log2(batch) + 1 per bucket at most).
+        """
+        ran = [
+            shape[0]
+            for k, m, shape in self._compiled
+            if (k, m) == (kind, masked) and shape[1:] == image_shape and shape[0] >= n
+        ]
+        if ran:
+            return min(ran)
+        full = self._devices.round_up(self.batch_size * (2 if self.flip else 1))
+        rows = min(full, self._devices.round_up(1 << (n - 1).bit_length()))
+        return max(rows, self._devices.round_up(n))
+
     def _run(self, kind: str, images: list[np.ndarray], bucket: tuple[int, int]) -> Array:
         """One call on images of one bucket: outputs for them in its first len(images) rows.
 
         Returns without waiting for the result, so that the host prepares the
         next batch while the network computes this one.
         """
-        n = len(images)
-        # A bucket's last chunk is usually short: run it at the next power of two rows, not
-        # the full batch (a bounded set of sizes, log2(batch) + 1 per bucket at most).
-        full = self._devices.round_up(self.batch_size * (2 if self.flip else 1))
-        rows = min(full, self._devices.round_up(1 << (n - 1).bit_length()))
-        rows = max(rows, self._devices.round_up(n))
         channels = images[0].shape[-1]
+        masked = any(im.shape[:2] != bucket for im in images)
+        rows = self._rows(len(images), kind, masked, (*bucket, channels))
         x = np.zeros((rows, *bucket, channels), np.float32)
         valid = np.tile(np.asarray(bucket, np.int32), (rows, 1))
         for i, im in enumerate(images):
             x[i, : im.shape[0], : im.shape[1]] = im
             valid[i] = im.shape[:2]
-        masked = any(im.shape[:2] != bucket for im in images)
         self._compiled.add((kind, masked, x.shape))
         return self._fns[kind, masked](self.variables, *self._devices.put_batch(x, valid))
 
