@@ -232,3 +232,61 @@ def test_evaluate_and_score_map_on_a_training_workdir(tmp_path, capsys):
     png = score_map.main([str(photo), "--workdir", run, "--output", str(tmp_path / "m.png")])
     with Image.open(png) as image:
         assert image.format == "PNG"
+
+
+def _fashion_config(**overrides):
+    """The demo's config (configs/fashion_mnist.py:quick) on a slice of the real test set."""
+    import os
+
+    from vgg_jax import configuration
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config = configuration.load_config_file(os.path.join(root, "configs", "fashion_mnist.py:quick"))
+    config.update(overrides)
+    return config
+
+
+def _stacked(groups):
+    """(images at Q = 32, labels) of the real entries of dataset_batches' groups."""
+    images_, labels = [], []
+    for image_set, label, mask in groups:
+        images_ += [im for im, real in zip(image_set.at_scale(32), mask, strict=True) if real]
+        labels += [int(v) for v, real in zip(label, mask, strict=True) if real]
+    return np.stack(images_), labels
+
+
+def test_a_cached_config_decodes_the_evaluation_split_once(monkeypatch):
+    from vgg_jax import data_sources, input_pipeline
+
+    if data_sources.find_fashion_mnist_dir() is None:
+        pytest.skip("Fashion-MNIST IDX files not installed (apt-get install dataset-fashion-mnist)")
+    monkeypatch.setattr(evaluate, "_decoded", {})
+    split = "test[:300]"
+    config = _fashion_config(eval_split=split)
+    assert config.cache
+    # A pass that stops early keeps nothing.
+    next(evaluate.dataset_batches(config, split, (32,), 128))
+    assert not evaluate._decoded
+    first_images, first_labels = _stacked(evaluate.dataset_batches(config, split, (32,), 128))
+    assert len(first_labels) == 300
+
+    read = []
+    real_eval_dataset = input_pipeline.eval_dataset
+    monkeypatch.setattr(
+        input_pipeline, "eval_dataset", lambda *a, **k: read.append(1) or real_eval_dataset(*a, **k)
+    )
+    # The next pass, in other groups, comes from memory: the same images and labels.
+    groups = list(evaluate.dataset_batches(config, split, (32,), 100))
+    assert not read and [len(g[1]) for g in groups][:3] == [100, 100, 100]
+    again_images, again_labels = _stacked(groups)
+    assert again_labels == first_labels
+    np.testing.assert_array_equal(again_images, first_images)
+    # Another split, another scale, a config that keeps nothing, or a source read anew:
+    # each reads the files.
+    list(evaluate.dataset_batches(config, "test[:50]", (32,), 128))
+    list(evaluate.dataset_batches(config, split, (64,), 128))
+    uncached = _fashion_config(eval_split=split, cache=False)
+    list(evaluate.dataset_batches(uncached, split, (32,), 128))
+    input_pipeline.clear_source_cache()
+    list(evaluate.dataset_batches(config, split, (32,), 128))
+    assert len(read) == 4

@@ -31,6 +31,7 @@ evaluating (`--recompute` evaluates anew).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -139,9 +140,13 @@ def explain_rows(
     eval_scale = int(config.get("eval_scale", image_size))
     lines = []
     if trainer is not None:
+        if config.get("train_eval") == "dense":
+            seen = config.get("train_eval_scales") or (eval_scale,)
+            how = f"the dense protocol at Q={','.join(str(q) for q in seen)}, no flip"
+        else:
+            how = f"one central {image_size}x{image_size} crop at Q={eval_scale}, no flip"
         lines.append(
-            f"trainer's figure: one central {image_size}x{image_size} crop at "
-            f"Q={eval_scale}, no flip: top-1 error "
+            f"trainer's figure: {how}: top-1 error "
             f"{100 * (1 - trainer['eval_top1_accuracy']):.2f}% (step {trainer.get('step')})"
         )
     lo, hi = int(config.get("train_scale_min", 0)), int(config.get("train_scale_max", 0))
@@ -333,10 +338,20 @@ def dataset_batches(
     original image), raw pixels in [0, 1]; it batches them itself when the
     dataset's images all have one size, else yields them one at a time. The
     pipeline pads the shares of all processes to the same length; the padding
-    entries carry mask False.
+    entries carry mask False. With config.cache, a complete pass of such a
+    dataset is kept in memory for the next (`_Decoded`).
     """
     from vgg_jax import input_pipeline
 
+    source = input_pipeline.get_source(config)
+    share = input_pipeline.process_share(process_index, process_count)
+    policy = input_pipeline.bad_image_policy(config)
+    key = (split, tuple(scales), config.resize_method, policy, share)
+    keep = bool(config.get("cache")) and source.image_size is not None
+    kept = _decoded.get(key) if keep else None
+    if kept is not None and kept.source is source:
+        yield from kept.groups(batch_size)
+        return
     pieces = input_pipeline.eval_dataset(
         config,
         split=split,
@@ -347,16 +362,59 @@ def dataset_batches(
         process_index=process_index,
         process_count=process_count,
     )
+    seen: list[dict[str, Any]] = []  # every piece of the pass, while `keep`
     group: list[dict[str, Any]] = []
     count = 0  # examples in `group`
     for piece in pieces:
         group.append(piece)
         count += len(piece["label"])
+        if keep:
+            seen.append(piece)
         if count >= batch_size:
             yield _group_to_batch(group, scales)
             group, count = [], 0
     if group:
         yield _group_to_batch(group, scales)
+    if keep and seen:  # the pass is complete (a consumer that stops early never gets here)
+        decoded = _Decoded.of(source, seen, scales)
+        if decoded.nbytes <= DECODED_LIMIT_BYTES:
+            _decoded[key] = decoded
+
+
+# The evaluation split, decoded once per process when the config keeps data in memory
+# (config.cache) and the dataset's images all have one size: the trainer's validation
+# every epoch and the test protocol after training read the same images, and decoding
+# them (tf.data, 10,000 PNG records) cost as much as the demo's network (benchmarks/
+# RESULTS.md, "in the trainer's process").
+DECODED_LIMIT_BYTES = 1 << 30
+_decoded: dict[tuple, _Decoded] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Decoded:
+    """One complete pass of `dataset_batches`: {Q: (N, H, W, C)}, labels and mask."""
+
+    source: Any  # the input pipeline's source it was read from (a new source reads anew)
+    images: dict[int, np.ndarray]
+    labels: np.ndarray
+    mask: np.ndarray
+
+    @classmethod
+    def of(cls, source: Any, pieces: list[dict[str, Any]], scales: Sequence[int]) -> _Decoded:
+        images = {q: np.concatenate([p["images"][q] for p in pieces]) for q in scales}
+        labels = np.concatenate([p["label"] for p in pieces])
+        mask = np.concatenate([p["mask"] for p in pieces]).astype(bool)
+        return cls(source, images, labels, mask)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.images.values())
+
+    def groups(self, batch_size: int) -> Iterator[tuple[image_io.ImageSet, np.ndarray, np.ndarray]]:
+        for start in range(0, len(self.labels), batch_size):
+            rows = slice(start, start + batch_size)
+            rescaled = {q: list(a[rows]) for q, a in self.images.items()}
+            yield image_io.ImageSet(rescaled=rescaled), self.labels[rows], self.mask[rows]
 
 
 def _group_to_batch(group: list[dict[str, Any]], scales: Sequence[int]):

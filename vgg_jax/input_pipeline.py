@@ -15,7 +15,7 @@ holds its idea:
   `train_preprocess`, `random_scaled_crop`, `sample_crop`, `color_shift_delta`).
 * `vgg_jax.input_common`: what both streams share: `get_source`,
   `num_examples`, `image_shape`, `normalize`, `decode_image`, `eval_preprocess`,
-  `rescaled_shape`, and the bad-image policy and `BadImageCounter`.
+  `rescaled_shape`, `process_share`, and the bad-image policy and `BadImageCounter`.
 
 Callers import from here (`from vgg_jax import input_pipeline`) and need not
 know the split.
@@ -45,6 +45,7 @@ from vgg_jax.input_common import (
     image_shape,
     normalize,
     num_examples,
+    process_share,
     rescaled_shape,
 )
 from vgg_jax.train_input import steps_per_epoch, train_dataset
@@ -67,6 +68,7 @@ __all__ = [
     "image_shape",
     "normalize",
     "num_examples",
+    "process_share",
     "random_scaled_crop",
     "rescaled_shape",
     "sample_crop",
