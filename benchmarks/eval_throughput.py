@@ -178,16 +178,31 @@ def bare_dense_seconds(member, scales, rows: int, calls: int, repeats: int) -> d
     return out
 
 
-def like_the_trainer(config: Any) -> None:
-    """This process as the trainer leaves it: its modules imported, the split read once.
+def like_the_trainer(workdir: str, member) -> None:
+    """This process as the trainer leaves it: its modules imported, its last validation run.
 
-    No persistent compilation cache (a first demo compiles the test shapes anew).
+    The validation is the trainer's own (`train.central_figures` or `dense_figures`, as the
+    run's config says) on the best variables. No persistent compilation cache (a first
+    demo compiles the test shapes anew).
     """
-    from vgg_jax import input_pipeline, train  # noqa: F401  (the trainer's imports)
+    import types
+
+    import ml_collections
+
+    from vgg_jax import checkpoints, train
 
     jax.config.update("jax_compilation_cache_dir", None)
-    for _ in input_pipeline.eval_dataset(config):
-        pass
+    config = ml_collections.ConfigDict(checkpoints.read_run_config(workdir))
+    data = train.pipeline_data()
+    variables = member.variables
+    state = types.SimpleNamespace(
+        params=variables["params"], batch_stats=variables.get("batch_stats", {})
+    )
+    if config.train_eval == "dense":
+        train.dense_figures(config, data, train.create_model(config), state)
+    else:
+        for _ in data.eval_dataset(config):
+            pass
 
 
 def end_to_end(args: argparse.Namespace) -> dict[str, Any]:
@@ -213,7 +228,7 @@ def end_to_end(args: argparse.Namespace) -> dict[str, Any]:
     flags = ["--workdir", workdir, "--recompute", "--batch-size", str(batch)]
     flags += ["--limit", str(args.limit)] if args.limit else []
     if args.in_process:
-        like_the_trainer(config)
+        like_the_trainer(workdir, member)
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
     if args.in_process:

@@ -364,8 +364,10 @@ def dense_figures(config, data: Data, model: models.VGG, state: TrainState) -> d
     """The paper's dense multi-scale protocol (protocols.DenseEvaluator) on the evaluation split.
 
     The batches hold raw pixels in [0, 1]; the evaluator normalises them as training does.
+    Its network calls are those of `vgg_jax.evaluate` (the same jitted function and batch
+    size), so a test protocol run after training in this process compiles nothing new.
     """
-    from vgg_jax import protocols
+    from vgg_jax import evaluate, protocols
 
     scales = tuple(int(q) for q in config.train_eval_scales) or (int(config.eval_scale),)
     dense = protocols.DenseEvaluator(
@@ -374,7 +376,7 @@ def dense_figures(config, data: Data, model: models.VGG, state: TrainState) -> d
         scales,
         flip=False,
         preprocess=checkpoints.Preprocessing.from_config(config),
-        batch_size=8,
+        batch_size=evaluate.default_batch_size(scales),
     )
     counts = metrics_lib.ErrorCounts()
     for images, labels, mask in data.dense_batches(config, scales, int(config.eval_batch_size)):
