@@ -69,9 +69,9 @@ def get_config(variant=None):
         c.test_scales = (32,)
         c.test_when_complete = True  # the demo's table, at the end of training
         # Validation is the test protocol's own row (dense, Q = 32, no flips: on 32-pixel
-        # images the same figure as the central crop), so the table after training reuses
-        # its compiled network and its decoded test images (c.cache) and costs about what
-        # its forward passes cost ("in the trainer's process" in RESULTS.md).
+        # images the same figure as the central crop), so the table after training can reuse
+        # its compiled network and its decoded test images (c.cache); the end-to-end cost
+        # against the bare forward is not yet measured after this (RESULTS.md).
         c.train_eval = "dense"
         c.mean_rgb = (0.2860,)  # Fashion-MNIST training pixels, in [0, 1] units
         c.std_rgb = (0.3530,)

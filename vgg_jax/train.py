@@ -364,8 +364,9 @@ def dense_figures(config, data: Data, model: models.VGG, state: TrainState) -> d
     """The paper's dense multi-scale protocol (protocols.DenseEvaluator) on the evaluation split.
 
     The batches hold raw pixels in [0, 1]; the evaluator normalises them as training does.
-    Its network calls are those of `vgg_jax.evaluate` (the same jitted function and batch
-    size), so a test protocol run after training in this process compiles nothing new.
+    Its network calls are those of `vgg_jax.evaluate` (the same batch size, and the same
+    jitted function where the run's model and preprocessing compare equal to the bundle's),
+    so that a test protocol run after training in this process can reuse the compilation.
     """
     from vgg_jax import evaluate, protocols
 
