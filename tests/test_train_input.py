@@ -66,10 +66,74 @@ def test_cache_serves_the_same_images_and_resumes_exactly(tfds_dir):
     assert not np.array_equal(other["image"], fresh[0]["image"])
 
 
-def test_cache_refuses_augmentations_that_change_every_epoch(tfds_dir):
-    c = fashion_config(tfds_dir, cache=True, random_flip=True, train_scale_max=40)
-    with pytest.raises(ValueError, match=r"random crops.*random flips.*cache=False"):
+@pytest.mark.parametrize("shape", [(28, 28), (20, 30)])
+def test_scaled_crops_sample_where_tf_resize_does(shape):
+    # The cache's numpy augmentation against tf.image.resize of the whole image, then the crop.
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (6, *shape, 3), dtype=np.uint8)
+    scales = np.array([32, 33, 37, 40, 44, 32])
+    big_h, big_w = train_input._rescaled(*shape, scales, 32)
+    oy = np.array([0, 1, 5, 8, 3, 0])
+    ox = np.minimum(np.array([0, 0, 4, 8, 12, 0]), big_w - 32)
+    flip = np.array([False, True, False, True, True, False])
+    ours = train_input.scaled_crops(images, scales, oy, ox, flip, 32)
+    for i in range(len(images)):
+        h, w = input_common.rescaled_shape(*shape, int(scales[i]), minimum=32)
+        assert (int(h), int(w)) == (big_h[i], big_w[i])
+        whole = input_common.resize(images[i], h, w, "bilinear").numpy()
+        crop = whole[oy[i] : oy[i] + 32, ox[i] : ox[i] + 32]
+        np.testing.assert_allclose(ours[i], crop[:, ::-1] if flip[i] else crop, atol=2e-3)
+
+
+def test_cache_augments_anew_each_epoch_and_resumes_exactly(tfds_dir):
+    # Scale jittering and flips from the decoded images in memory: 10 steps per epoch.
+    c = fashion_config(
+        tfds_dir, train_split="train[:640]", cache=True, train_scale_max=40, random_flip=True
+    )
+    kw = dict(process_index=1, process_count=2)
+    fresh = take(train_input.train_dataset(c, **kw), 24)
+    assert fresh[0]["image"].shape == (32, 32, 32, 1) and fresh[0]["image"].dtype == np.float32
+    assert_batches_equal(take(train_input.train_dataset(c, **kw), 24), fresh)
+    for start in (7, 13):
+        resumed = take(train_input.train_dataset(c, start_step=start, **kw), 5)
+        assert_batches_equal(resumed, fresh[start : start + 5])
+    # An epoch holds the same records, but each comes out anew: the multiset of image sums
+    # changes from epoch to epoch, as it does not without augmentation.
+    fixed = c.copy_and_resolve_references()
+    fixed.train_scale_max, fixed.random_flip = 32, False
+    plain = take(train_input.train_dataset(fixed, **kw), 20)
+
+    def epoch_sums(batches):
+        labels = np.sort(np.concatenate([b["label"] for b in batches]))
+        return labels, np.sort(np.concatenate([b["image"].sum((1, 2, 3)) for b in batches]))
+
+    for batches, changes in ((fresh, True), (plain, False)):
+        (labels0, sums0), (labels1, sums1) = epoch_sums(batches[:10]), epoch_sums(batches[10:20])
+        np.testing.assert_array_equal(labels0, labels1)
+        assert np.allclose(sums0, sums1, rtol=1e-5) != changes
+
+
+def test_cache_augmentation_matches_the_streamed_distribution(tfds_dir):
+    # Mean and spread of the jittered images, cached and streamed, over one 640-image epoch.
+    c = fashion_config(tfds_dir, train_split="train[:640]", train_scale_max=44, random_flip=True)
+    cached = c.copy_and_resolve_references()
+    cached.cache = True
+    kw = dict(process_index=0, process_count=1)
+    streamed = np.concatenate([b["image"] for b in take(train_input.train_dataset(c, **kw), 10)])
+    ours = np.concatenate([b["image"] for b in take(train_input.train_dataset(cached, **kw), 10)])
+    np.testing.assert_allclose(ours.mean(), streamed.mean(), rtol=0.03)
+    np.testing.assert_allclose(ours.std(), streamed.std(), rtol=0.03)
+    # Per pixel position (where the jittered crops put the items), within sampling noise.
+    assert np.abs(ours.mean(0) - streamed.mean(0)).max() < 0.08
+
+
+def test_cache_augmentation_refuses_other_resamplers_and_mixed_sizes(tfds_dir, photo_root):
+    c = fashion_config(tfds_dir, cache=True, train_scale_max=40, resize_method="bicubic")
+    with pytest.raises(ValueError, match=r"resamples bilinearly.*resize_method='bilinear'"):
         next(train_input.train_dataset(c, process_index=0, process_count=1))
+    folder = folder_config(photo_root, cache=True)  # photos of several sizes, jittered
+    with pytest.raises(ValueError, match=r"one size.*cache=False"):
+        next(train_input.train_dataset(folder, process_index=0, process_count=1))
 
 
 def test_cache_of_an_image_folder_counts_the_corrupt_files(photo_root, caplog):

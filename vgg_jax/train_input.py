@@ -22,9 +22,11 @@
 training share is decoded, rescaled to S = image_size, centre-cropped and
 normalised once, held in memory as float32, and served as batches of a
 per-epoch permutation (a function of seed, epoch and process, so resuming is
-exact). Only for a fixed preprocessing: with scale jittering, random crops,
-flips or colour shift it is a ValueError. Saves the per-epoch decoding, which
-on 2 CPU cores competes with the train step for the same cores. Undecodable
+exact). With scale jittering, random crops, flips or colour shift the images
+are kept as decoded (one size for all) and each batch is augmented in numpy
+(`scaled_crops`, bilinear as tf.image.resize) from a generator of (seed, epoch,
+process, step). Saves the per-epoch decoding, which on 2 CPU cores competes
+with the train step for the same cores. Undecodable
 files are left out (or, with bad_images="fail", an error) and counted at each
 epoch's first step; the permutation is read cyclically to fill the epoch.
 """
@@ -37,7 +39,7 @@ from collections.abc import Iterator
 import numpy as np
 import tensorflow as tf
 
-from vgg_jax.augment import Augment, train_preprocess
+from vgg_jax.augment import PCA_EIGVAL, PCA_EIGVEC, Augment, train_preprocess
 from vgg_jax.input_common import (
     BadImageCounter,
     Batch,
@@ -45,6 +47,7 @@ from vgg_jax.input_common import (
     channel_stats,
     check_bad_images,
     check_source,
+    decode_image,
     eval_preprocess,
     get_source,
     local_batch_size,
@@ -213,7 +216,7 @@ def train_dataset(
     if config.cache:
         images, labels, bad = _in_memory(config, source, aug, pi, pc)
         return _memory_iterator(
-            config.seed, images, labels, start_step, steps, pi, local_batch, bad, counter
+            config, aug, images, labels, start_step, steps, pi, local_batch, bad, counter
         )
     return _train_iterator(config, source, aug, start_step, steps, pi, pc, local_batch, counter)
 
@@ -241,34 +244,31 @@ def _train_iterator(config, source, aug, start_step, steps, pi, pc, local_batch,
 
 
 # ---------------------------------------------------------------------------
-# In-memory training set (config.cache): preprocessed once, shuffled per epoch.
+# In-memory training set (config.cache): decoded once, shuffled per epoch.
 
-_MEMORY: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+_MEMORY: dict[tuple, tuple[np.ndarray, np.ndarray, list[str]]] = {}
 
 
-def _check_cacheable(aug: Augment) -> None:
-    """config.cache stores each image preprocessed once: only for a fixed preprocessing."""
-    varying = []
-    if not aug.scale_min == aug.scale_max == aug.size:
-        varying.append("random crops/scale jittering (train_scale_min/max != image_size)")
-    if aug.flip:
-        varying.append("random flips (random_flip)")
-    if aug.color_shift > 0 and aug.channels == 3:
-        varying.append("colour shift (color_shift)")
-    if varying:
-        raise ValueError(
-            "config.cache keeps every training image preprocessed once, but this config "
-            f"changes images every epoch: {', '.join(varying)}. Set cache=False, or fix "
-            "those augmentations."
-        )
+def _fixed(aug: Augment) -> bool:
+    """Whether every epoch sees each image preprocessed the same way."""
+    colour = aug.color_shift > 0 and aug.channels == 3
+    return aug.scale_min == aug.scale_max == aug.size and not aug.flip and not colour
 
 
 def _in_memory(config, source, aug: Augment, pi: int, pc: int):
-    """This process's training share, rescaled to S = image_size, centre-cropped, normalised.
+    """This process's training share, decoded once.
 
-    Returns (images, labels, names of the files that could not be decoded).
+    With a fixed preprocessing the images are stored rescaled to S = image_size,
+    centre-cropped and normalised (float32); otherwise as decoded (uint8, one
+    size for all), for `_augment_in_memory` to rescale, crop, flip and shift
+    anew each epoch. Returns (images, labels, names of undecodable files).
     """
-    _check_cacheable(aug)
+    fixed = _fixed(aug)
+    if not fixed and aug.method != "bilinear":
+        raise ValueError(
+            "config.cache with scale jittering, flips or colour shift resamples bilinearly, "
+            f"but resize_method={aug.method!r}: set resize_method='bilinear' or cache=False."
+        )
     key = (
         config.dataset, config.data_dir, config.get("manual_dir", ""), tuple(config.classes),
         config.train_split, pi, pc, aug, config.value_range, tuple(config.mean_rgb),
@@ -279,20 +279,32 @@ def _in_memory(config, source, aug: Augment, pi: int, pc: int):
         records = source.records(config.train_split, pi, pc, None, 0)
 
         def preprocess(position, ex):
-            image = eval_preprocess(ex["image"], aug.channels, aug.size, aug.size, aug.method)
-            return normalize(image, config), tf.cast(ex["label"], tf.int32), position
+            if fixed:
+                image = eval_preprocess(ex["image"], aug.channels, aug.size, aug.size, aug.method)
+                image = normalize(image, config)
+            else:
+                image = decode_image(ex["image"], aug.channels)
+            return image, tf.cast(ex["label"], tf.int32), position
 
         ds = records.enumerate().map(
             traced_as_written(preprocess), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
         )
         images, labels, kept = [], [], []
-        for image, label, position in ds.ignore_errors().batch(1024).as_numpy_iterator():
-            images.append(image)
-            labels.append(label)
-            kept.append(position)
-        empty = (np.zeros((0, aug.size, aug.size, aug.channels), np.float32), np.zeros(0, np.int32))
-        images_np = np.concatenate(images) if images else empty[0]
-        labels_np = np.concatenate(labels) if labels else empty[1]
+        try:
+            for image, label, position in ds.ignore_errors().batch(1024).as_numpy_iterator():
+                images.append(image)
+                labels.append(label)
+                kept.append(position)
+        except tf.errors.InvalidArgumentError as e:
+            raise ValueError(
+                "config.cache with scale jittering, flips or colour shift keeps the decoded "
+                "images, which needs training images of one size; these differ "
+                f"({str(e).splitlines()[0][:120]}). Set cache=False."
+            ) from None
+        size = (aug.size, aug.size) if fixed else (0, 0)
+        empty = np.zeros((0, *size, aug.channels), np.float32 if fixed else np.uint8)
+        images_np = np.concatenate(images) if images else empty
+        labels_np = np.concatenate(labels) if labels else np.zeros(0, np.int32)
         if labels_np.size and not 0 <= labels_np.min() <= labels_np.max() < config.num_classes:
             raise ValueError(
                 f"Training labels span {labels_np.min()}..{labels_np.max()}: set "
@@ -307,19 +319,78 @@ def _in_memory(config, source, aug: Augment, pi: int, pc: int):
                 "Process %d: skipped %d training image(s) that could not be decoded (in "
                 "every epoch): %s", pi, len(bad), shown_names(bad),
             )  # fmt: skip
-        _MEMORY[key] = (images_np, labels_np, bad)  # float32 already: normalize() returns it
+        _MEMORY[key] = (images_np, labels_np, bad)
         log.info("Cached %d training images (%.0f MiB).", len(labels_np), images_np.nbytes / 2**20)
     return _MEMORY[key]
 
 
+def _bilinear_rows(coords: np.ndarray, length: int):
+    """Neighbours and weights where tf.image.resize (bilinear, no antialias) samples `coords`."""
+    clipped = np.clip(coords, 0.0, length - 1.0)
+    low = np.floor(clipped).astype(np.int64)
+    return low, np.minimum(low + 1, length - 1), (clipped - low).astype(np.float32)
+
+
+def scaled_crops(images, scales, oy, ox, flip, size: int) -> np.ndarray:
+    """Each uint8 image rescaled to smallest side S (bilinear), its size x size crop at (oy, ox).
+
+    The samples are those of `tf.image.resize` of the whole image followed by the
+    crop (and a horizontal mirror where `flip`), computed for the crop alone.
+    Returns float32 in [0, 255] units, shape (B, size, size, C).
+    """
+    n, h, w, _ = images.shape
+    big_h, big_w = _rescaled(h, w, scales, size)
+    steps = np.arange(size) + 0.5
+    ys = (oy[:, None] + steps) * (h / big_h)[:, None] - 0.5
+    xs = (ox[:, None] + steps) * (w / big_w)[:, None] - 0.5
+    xs = np.where(flip[:, None], xs[:, ::-1], xs)
+    y0, y1, fy = _bilinear_rows(ys, h)
+    x0, x1, fx = _bilinear_rows(xs, w)
+    b = np.arange(n)[:, None, None]
+    pixels = images.astype(np.float32)
+
+    def rows(y):  # one row of neighbours, interpolated along x
+        left = pixels[b, y[:, :, None], x0[:, None, :]]
+        right = pixels[b, y[:, :, None], x1[:, None, :]]
+        return left + (right - left) * fx[:, None, :, None]
+
+    top, bottom = rows(y0), rows(y1)
+    return top + (bottom - top) * fy[:, :, None, None]
+
+
+def _rescaled(h: int, w: int, scales: np.ndarray, size: int):
+    """`input_common.rescaled_shape` for arrays of smallest sides (rounding half to even)."""
+    factor = scales.astype(np.float32) / np.float32(min(h, w))
+    big_h = np.maximum(np.round(np.float32(h) * factor).astype(np.int64), size)
+    big_w = np.maximum(np.round(np.float32(w) * factor).astype(np.int64), size)
+    return big_h, big_w
+
+
+def _augment_in_memory(config, aug: Augment, images, rows, rng) -> np.ndarray:
+    """The training preprocessing (PAPER.md 3.1) of decoded images, in numpy: normalised float32."""
+    n, h, w, _ = images[rows].shape
+    scales = rng.integers(aug.scale_min, aug.scale_max + 1, n)
+    big_h, big_w = _rescaled(h, w, scales, aug.size)
+    oy = np.floor(rng.random(n) * (big_h - aug.size + 1)).astype(np.int64)
+    ox = np.floor(rng.random(n) * (big_w - aug.size + 1)).astype(np.int64)
+    flip = rng.random(n) < 0.5 if aug.flip else np.zeros(n, bool)
+    crops = scaled_crops(images[rows], scales, oy, ox, flip, aug.size)
+    if aug.color_shift > 0 and aug.channels == 3:
+        alpha = rng.normal(0.0, aug.color_shift, (n, 3)).astype(np.float32)
+        crops += ((alpha * PCA_EIGVAL) @ PCA_EIGVEC.T * 255.0)[:, None, None, :]
+    return normalize(crops, config)
+
+
 def _memory_iterator(
-    seed, images, labels, start_step, steps, pi, local_batch, bad, counter
+    config, aug, images, labels, start_step, steps, pi, local_batch, bad, counter
 ) -> Iterator[Batch]:
     """Batches of a per-epoch permutation that depends only on (seed, epoch, process).
 
-    With undecodable files there are fewer images than steps * local_batch: the
-    permutation is then read cyclically (its first images serve twice). The
-    skipped files are counted at each epoch's first step.
+    Decoded images (an augmenting preprocessing) are rescaled, cropped, flipped and
+    shifted per batch from a generator of (seed, epoch, process, step), so resuming
+    at any step is exact. With undecodable files there are fewer images than
+    steps * local_batch: the permutation is then read cyclically (its first images
+    serve twice). The skipped files are counted at each epoch's first step.
     """
     if len(labels) < local_batch:
         raise RuntimeError(
@@ -328,11 +399,17 @@ def _memory_iterator(
         )
     epoch, skip = divmod(start_step, steps)
     while True:
-        order = np.random.default_rng(_epoch_seed(seed, epoch, pi)).permutation(len(labels))
+        epoch_seed = _epoch_seed(config.seed, epoch, pi)
+        order = np.random.default_rng(epoch_seed).permutation(len(labels))
         for b in range(skip, steps):
             rows = order[np.arange(b * local_batch, (b + 1) * local_batch) % len(labels)]
             counter.add(epoch, bad if b == 0 else [])
             if b == steps - 1 and counter.epoch_count:
                 _log_epoch(epoch, pi, counter)
-            yield {"image": images[rows], "label": labels[rows]}
+            if not _fixed(aug):
+                rng = np.random.default_rng([epoch_seed, b])
+                batch = _augment_in_memory(config, aug, images, rows, rng)
+            else:
+                batch = images[rows]
+            yield {"image": batch, "label": labels[rows]}
         epoch, skip = epoch + 1, 0
