@@ -45,8 +45,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.std_rgb = (1.0, 1.0, 1.0)  # divided after the mean; the paper uses none
     c.resize_method = "bilinear"
     c.shuffle_buffer = 16_384
-    # True: preprocess the training set once into memory (fixed S, no augmentation), and keep
-    # the dense protocol's decoded evaluation split between passes (fixed-size images).
+    # True: decode the training set once into memory (a fixed preprocessing is applied once,
+    # jittering/flips/colour shift per batch in numpy: images of one size), and keep the
+    # dense protocol's decoded evaluation split between passes (fixed-size images).
     c.cache = False
     # Only these labels of the dataset, relabelled 0..k-1 in this order (set num_classes = k);
     # () keeps every class.
