@@ -10,7 +10,9 @@ import tensorflow as tf
 from input_util import assert_batches_equal, fashion_config, folder_config, take
 from PIL import Image
 
+from configs.default import get_config
 from vgg_jax import input_common, train_input
+from vgg_jax.augment import Augment
 
 
 def test_train_is_deterministic_and_resumes_exactly_across_epochs(tfds_dir):
@@ -111,6 +113,18 @@ def test_cache_augments_anew_each_epoch_and_resumes_exactly(tfds_dir):
         (labels0, sums0), (labels1, sums1) = epoch_sums(batches[:10]), epoch_sums(batches[10:20])
         np.testing.assert_array_equal(labels0, labels1)
         assert np.allclose(sums0, sums1, rtol=1e-5) != changes
+
+
+def test_cache_colour_shift_adds_one_pca_offset_per_image():
+    # Same generator state: the crops agree, and the colour shift adds a constant per image.
+    images = np.random.default_rng(1).integers(0, 256, (8, 30, 30, 3), dtype=np.uint8)
+    c = get_config()
+    plain, shifted = (Augment(24, 24, 30, True, shift, 3, "bilinear") for shift in (0.0, 0.1))
+    a = train_input._augment_in_memory(c, plain, images, np.arange(8), np.random.default_rng(2))
+    b = train_input._augment_in_memory(c, shifted, images, np.arange(8), np.random.default_rng(2))
+    offset = b - a
+    np.testing.assert_allclose(offset, offset[:, :1, :1, :] * np.ones_like(offset), atol=1e-3)
+    assert np.abs(offset[:, 0, 0, :]).max() > 0.1 and len(np.unique(offset[:, 0, 0, 0])) == 8
 
 
 def test_cache_augmentation_matches_the_streamed_distribution(tfds_dir):

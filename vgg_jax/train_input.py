@@ -368,13 +368,14 @@ def _rescaled(h: int, w: int, scales: np.ndarray, size: int):
 
 def _augment_in_memory(config, aug: Augment, images, rows, rng) -> np.ndarray:
     """The training preprocessing (PAPER.md 3.1) of decoded images, in numpy: normalised float32."""
-    n, h, w, _ = images[rows].shape
+    chosen = images[rows]
+    n, h, w, _ = chosen.shape
     scales = rng.integers(aug.scale_min, aug.scale_max + 1, n)
     big_h, big_w = _rescaled(h, w, scales, aug.size)
     oy = np.floor(rng.random(n) * (big_h - aug.size + 1)).astype(np.int64)
     ox = np.floor(rng.random(n) * (big_w - aug.size + 1)).astype(np.int64)
     flip = rng.random(n) < 0.5 if aug.flip else np.zeros(n, bool)
-    crops = scaled_crops(images[rows], scales, oy, ox, flip, aug.size)
+    crops = scaled_crops(chosen, scales, oy, ox, flip, aug.size)
     if aug.color_shift > 0 and aug.channels == 3:
         alpha = rng.normal(0.0, aug.color_shift, (n, 3)).astype(np.float32)
         crops += ((alpha * PCA_EIGVAL) @ PCA_EIGVEC.T * 255.0)[:, None, None, :]
