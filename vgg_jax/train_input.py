@@ -55,6 +55,7 @@ from vgg_jax.input_common import (
     num_examples,
     process_share,
     record_names,
+    rescaled_shape,
     shown_names,
     traced_as_written,
 )
@@ -324,6 +325,12 @@ def _in_memory(config, source, aug: Augment, pi: int, pc: int):
     return _MEMORY[key]
 
 
+def _rescaled(h: int, w: int, scales: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """`input_common.rescaled_shape` of one (h, w) for an array of smallest sides."""
+    big_h, big_w = rescaled_shape(h, w, scales, minimum=size)
+    return big_h.numpy().astype(np.int64), big_w.numpy().astype(np.int64)
+
+
 def _bilinear_rows(coords: np.ndarray, length: int):
     """Neighbours and weights where tf.image.resize (bilinear, no antialias) samples `coords`."""
     clipped = np.clip(coords, 0.0, length - 1.0)
@@ -356,14 +363,6 @@ def scaled_crops(images, scales, oy, ox, flip, size: int) -> np.ndarray:
 
     top, bottom = rows(y0), rows(y1)
     return top + (bottom - top) * fy[:, :, None, None]
-
-
-def _rescaled(h: int, w: int, scales: np.ndarray, size: int):
-    """`input_common.rescaled_shape` for arrays of smallest sides (rounding half to even)."""
-    factor = scales.astype(np.float32) / np.float32(min(h, w))
-    big_h = np.maximum(np.round(np.float32(h) * factor).astype(np.int64), size)
-    big_w = np.maximum(np.round(np.float32(w) * factor).astype(np.int64), size)
-    return big_h, big_w
 
 
 def _augment_in_memory(config, aug: Augment, images, rows, rng) -> np.ndarray:
