@@ -216,4 +216,26 @@ def test_predict_names_a_runs_classes(tmp_path, monkeypatch, image_files, capsys
     (run / checkpoints.CONFIG_FILE).write_text('{"dataset": "fashion_mnist"}')
     monkeypatch.setattr(checkpoints, "load_workdir", lambda workdir, which: bundle)
     assert predict.main([image_files["rgb"], "--weights", str(run), "--top", "2"]) == 0
-    assert "1. Bag " in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "1. Bag " in out
+    assert "the run's view: smallest side 224, central 224 crop" in out
+
+
+@pytest.mark.parametrize("kind, channels", [("rgba", 3), ("grey", 1)])
+def test_a_run_sees_images_as_its_validation_did(image_files, kind, channels):
+    """predict's view of an image for a run is the trainer's central-crop validation view."""
+    from vgg_jax import input_common
+
+    path = image_files[kind]
+    run = types.SimpleNamespace(
+        image_size=64, metadata={"eval_scale": 72, "resize_method": "bilinear"}
+    )
+    image = image_io.open_image(path, channels)
+    got = reference_preprocessing.reference_crop(image, run)
+    with open(path, "rb") as f:
+        want = input_common.eval_preprocess(f.read(), channels, 72, 64, "bilinear")
+    assert got.shape == (64, 64, channels)
+    np.testing.assert_allclose(got * 255, np.asarray(want), atol=1e-3)
+    torchvision_like = types.SimpleNamespace(image_size=64, metadata={})
+    other = reference_preprocessing.reference_crop(image, torchvision_like)
+    assert np.abs(other - got).max() > 0.05  # not the torchvision crop

@@ -305,7 +305,12 @@ def eval_preprocess(
     encoded: tf.Tensor, channels: int, scale: int, crop: int | None, method: str
 ) -> tf.Tensor:
     """Rescale smallest side to `scale`; central crop x crop if crop is set. float32 [0, 255]."""
-    image = decode_image(encoded, channels)
+    return rescale_and_crop(decode_image(encoded, channels), scale, crop, method)
+
+
+def rescale_and_crop(image: tf.Tensor, scale: int, crop: int | None, method: str) -> tf.Tensor:
+    """`eval_preprocess` of a decoded (H, W, C) image: float32 in its input's units."""
+    channels = image.shape[-1]
     shape = tf.shape(image)
     h, w = rescaled_shape(shape[0], shape[1], scale, minimum=crop or 1)
     image = resize(image, h, w, method)

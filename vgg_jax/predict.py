@@ -6,10 +6,12 @@
 
 `--weights` is anything `vgg_jax.pretrained.resolve` takes: a weights name,
 a bundle directory or a training workdir (its best variables).
-Single crop (default): the source framework's own preprocessing
-(`vgg_jax.reference_preprocessing`): for torchvision weights and networks
-trained here `Resize(256)` + `CenterCrop(224)` with torchvision's integer
-arithmetic (scaled to the network's image_size), for Keras weights Keras's
+Single crop (default): the source's own preprocessing
+(`vgg_jax.reference_preprocessing`): for a training run its validation view
+(smallest side rescaled to its eval_scale, central image_size crop, the
+trainer's own TensorFlow ops), for torchvision weights and other bundles
+`Resize(256)` + `CenterCrop(224)` with torchvision's integer arithmetic
+(scaled to the network's image_size), for Keras weights Keras's
 `load_img(target_size=(224, 224))` squash (nearest neighbour).
 `--dense`: the paper's dense multi-scale evaluation (`vgg_jax.evaluate.
 DenseEvaluator`): the whole image at smallest sides Q = 256, 384, 512 (scaled
@@ -133,9 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    source = (bundle.metadata or {}).get("source_format")
-    crop = "Keras's squash to" if source == "keras" else "torchvision's central"
-    how = "dense, multi-scale + flip" if args.dense else f"{crop} {bundle.image_size} crop"
+    view = reference_preprocessing.describe_view(bundle)
+    how = "dense, multi-scale + flip" if args.dense else view
     for path, top in zip(args.images, results, strict=True):
         print(f"{path} ({bundle.name}, {how}):")
         for rank, (index, name, p) in enumerate(top, 1):

@@ -211,5 +211,8 @@ def load_run(workdir: str, which: str = "best") -> ModelBundle:
     bundle.metadata = dict(bundle.metadata) | {
         "data_dir": config.get("data_dir", ""),
         "classes": list(config.get("classes") or ()),
+        # predict's single view of an image is the run's own validation view
+        "eval_scale": int(config.get("eval_scale") or bundle.image_size),
+        "resize_method": config.get("resize_method", "bilinear"),
     }
     return class_names.with_class_names(bundle)

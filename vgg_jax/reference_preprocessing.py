@@ -12,8 +12,14 @@
   `preprocess_input` ('caffe' mode: BGR, mean subtracted, no scaling), which
   is the bundle's `Preprocessing`.
 
-Networks trained here take the torchvision path, scaled to their image_size
-(short side round(image_size * 256 / 224)).
+* A training run (`vgg_jax.pretrained.load_run`): its own validation view
+  (`input_common.rescale_and_crop`, the same TensorFlow ops): smallest side
+  rescaled to the run's eval_scale with its resize_method, central image_size
+  crop.
+
+Other networks trained here (bundles without a run's eval_scale) take the
+torchvision path, scaled to their image_size (short side
+round(image_size * 256 / 224)).
 """
 
 from __future__ import annotations
@@ -66,13 +72,38 @@ def as_pil(image: Image.Image | np.ndarray) -> Image.Image:
     return Image.fromarray(quantised[..., 0] if quantised.shape[-1] == 1 else quantised)
 
 
+def run_view(image: Image.Image | np.ndarray, scale: int, crop: int, method: str) -> np.ndarray:
+    """A training run's validation view of one image, as float pixels in [0, 1]."""
+    from vgg_jax import input_common  # TensorFlow, imported only for runs
+
+    uint8 = np.asarray(as_pil(image))
+    uint8 = uint8[..., None] if uint8.ndim == 2 else uint8
+    view = input_common.rescale_and_crop(uint8, scale, crop, method)
+    return np.asarray(view, np.float32) / 255.0
+
+
+def describe_view(bundle: Any) -> str:
+    """How `reference_crop` views images for this bundle, in a few words."""
+    meta, size = bundle.metadata or {}, bundle.image_size
+    if meta.get("eval_scale"):
+        return f"the run's view: smallest side {meta['eval_scale']}, central {size} crop"
+    if meta.get("source_format") == "keras":
+        return f"Keras's squash to {size}"
+    return f"torchvision's central {size} crop"
+
+
 def reference_crop(image: Image.Image | np.ndarray, bundle: Any) -> np.ndarray:
     """The network input view of one image for this bundle's source, as float pixels in [0, 1].
 
-    Keras-converted bundles (`metadata["source_format"] == "keras"`) get Keras's
-    squash to image_size; every other bundle torchvision's resize + centre crop.
+    Training runs get their own validation view, Keras-converted bundles
+    (`metadata["source_format"] == "keras"`) Keras's squash to image_size, every
+    other bundle torchvision's resize + centre crop.
     """
-    image, size = as_pil(image), bundle.image_size
-    if (bundle.metadata or {}).get("source_format") == "keras":
+    meta, size = bundle.metadata or {}, bundle.image_size
+    if meta.get("eval_scale"):
+        method = meta.get("resize_method", "bilinear")
+        return run_view(image, int(meta["eval_scale"]), size, method)
+    image = as_pil(image)
+    if meta.get("source_format") == "keras":
         return pixels(keras_resize(image, size))
     return pixels(torchvision_crop(image, size))
