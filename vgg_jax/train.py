@@ -338,7 +338,7 @@ def _add_trees(a: Any, b: Any) -> Any:
 
 def central_figures(config, data: Data, eval_fn: Callable, mesh, state: TrainState) -> dict:
     """The central-crop evaluation (at config.eval_scale) of the evaluation split."""
-    from vgg_jax.input_pipeline import BadImageCounter
+    from vgg_jax.bad_images import BadImageCounter
 
     bad_images, totals = BadImageCounter(), None
     for local in data.eval_dataset(config, bad_images=bad_images):
@@ -461,7 +461,7 @@ def classification_task(config: ml_collections.ConfigDict, data: Data) -> loop.T
             out_shardings=parallel.replicated(mesh),
         )
         evaluate = functools.partial(central_figures, config, data, eval_fn, mesh)
-    from vgg_jax.input_pipeline import BadImageCounter
+    from vgg_jax.bad_images import BadImageCounter
 
     bad_images = BadImageCounter()
     return loop.Task(
