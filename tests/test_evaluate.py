@@ -185,7 +185,10 @@ def test_evaluate_and_score_map_on_a_training_workdir(tmp_path, capsys):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config("quick")
+    # Three steps streamed through a small shuffle buffer (the config's 60,000 decodes the whole
+    # split before the first step), on one device (the suite's eight all-reduce for nothing).
     config.update(dict(width_divisor=16, fc_width=32, max_steps=3, cache=False, progress_bar=False))
+    config.update(dict(shuffle_buffer=1024, num_devices=1))
     config.test_scales = (32, 64)  # two scales, so that every kind of row is printed
     config.test_when_complete = False  # this test runs the evaluations itself
     config.update(dict(tensorboard=False) if "tensorboard" in config else {})

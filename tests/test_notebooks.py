@@ -92,7 +92,8 @@ WIDTH_DIVISOR = 16
 FC_WIDTH = 32
 PHOTO_SMALLEST_SIDE = 256
 TRAIN_OVERRIDES = {{"max_steps": 4, "width_divisor": 16, "fc_width": 32, "batch_size": 32,
-                   "cache": False, "progress_bar": False, "eval_split": "test[:256]"}}
+                   "cache": False, "shuffle_buffer": 1024, "progress_bar": False,
+                   "eval_split": "test[:256]"}}
 WORKDIR = {str(tmp_path / "fmnist")!r}
 """
     nb = execute("quickstart.ipynb", overrides, monkeypatch)
