@@ -4,6 +4,8 @@ import json
 import os
 import re
 import shutil
+import sys
+import types
 
 import jax
 import numpy as np
@@ -58,15 +60,39 @@ def test_other_model_is_refused_naming_the_parameter(tmp_path):
         checkpoints.load_bundle(tmp_path / "m")
 
 
-def test_damaged_bundle_is_a_clear_error(tmp_path):
-    path = checkpoints.save_bundle(tmp_path / "m", make_bundle())
-    variables_dir = os.path.join(path, checkpoints.VARIABLES_DIR)
-    # Truncate every data file of the checkpoint.
+def _data_files(variables_dir):
     for root, _, files in os.walk(variables_dir):
         for name in files:
             if "manifest" in name or name.startswith("d") or "ocdbt" in root:
-                with open(os.path.join(root, name), "r+b") as f:
-                    f.truncate(max(0, os.path.getsize(os.path.join(root, name)) // 3))
+                yield os.path.join(root, name)
+
+
+# Quiet: orbax's failed reads must not print "Event loop is closed" (seen on Python 3.12).
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+def test_damaged_bundle_is_a_clear_error(tmp_path):
+    path = checkpoints.save_bundle(tmp_path / "m", make_bundle())
+    variables_dir = os.path.join(path, checkpoints.VARIABLES_DIR)
+    pristine = tmp_path / "pristine"
+    shutil.copytree(variables_dir, pristine)
+    # One byte flipped, the size kept: found by the checksums before orbax reads anything.
+    victim = max(_data_files(variables_dir), key=os.path.getsize)
+    with open(victim, "r+b") as f:
+        byte = f.read(1)
+        f.seek(0)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    rel = os.path.relpath(victim, path).replace(os.sep, "/")
+    with pytest.raises(ValueError, match=f"truncated or damaged \\({rel}: checksum mismatch"):
+        checkpoints.load_bundle(path)
+    # Every data file truncated.
+    shutil.rmtree(variables_dir)
+    shutil.copytree(pristine, variables_dir)
+    for name in _data_files(variables_dir):
+        with open(name, "r+b") as f:
+            f.truncate(max(0, os.path.getsize(name) // 3))
+    with pytest.raises(ValueError, match=r"truncated or damaged \(variables/.*bytes, \d+ recorded"):
+        checkpoints.load_bundle(path)
+    # A bundle of an earlier version (no checksums): orbax's own failure, in the same words.
+    os.remove(os.path.join(variables_dir, checkpoints.CHECKSUMS_FILE))
     with pytest.raises(ValueError, match="truncated or damaged"):
         checkpoints.load_bundle(path)
     shutil.rmtree(variables_dir)
@@ -74,6 +100,30 @@ def test_damaged_bundle_is_a_clear_error(tmp_path):
         checkpoints.load_bundle(path)
     with pytest.raises(FileNotFoundError, match="not a vgg_jax model bundle"):
         checkpoints.load_bundle(tmp_path)
+    # The pristine files load (the checksums file beside orbax's does not disturb it).
+    shutil.copytree(pristine, variables_dir)
+    loaded = checkpoints.load_bundle(path)
+    assert jax.tree.structure(loaded.variables) == jax.tree.structure(make_bundle().variables)
+
+
+def test_a_failed_restore_drops_its_closed_loop_reports_and_keeps_others(monkeypatch):
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    closed = types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"))
+    other = types.SimpleNamespace(exc_value=ValueError("something else"))
+    with checkpoints._closed_loop_reports_dropped():
+        sys.unraisablehook(closed)
+        sys.unraisablehook(other)
+    assert seen == [other] and sys.unraisablehook == seen.append  # put back after a success
+    with pytest.raises(KeyError), checkpoints._closed_loop_reports_dropped():
+        raise KeyError("damaged")
+    sys.unraisablehook(closed)  # reads finishing after the error reached the caller
+    sys.unraisablehook(other)
+    assert seen == [other, other]
+    with checkpoints._closed_loop_reports_dropped():  # installed once, not stacked
+        assert getattr(sys.unraisablehook, "drops_closed_loop_reports", False)
+        sys.unraisablehook(other)
+    assert seen == [other] * 3
 
 
 # ---------------------------------------------------------------------------

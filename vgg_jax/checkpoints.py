@@ -4,7 +4,8 @@ A *model bundle* is a directory holding
 
 * `vgg_jax_model.json`: the `create_model` arguments and the input
   preprocessing (channel order, value range, mean, std), and
-* `variables/`: an orbax checkpoint of `{'params': ..., 'batch_stats': ...}`.
+* `variables/`: an orbax checkpoint of `{'params': ..., 'batch_stats': ...}`,
+  with the size and sha256 of each of its files (checked before every load).
 
 Bundles are what `convert` writes and what `evaluate`, `predict`,
 `score_map` and fine-tuning (`config.init_from`) read. No pickle is involved:
@@ -138,6 +139,9 @@ def save_bundle(path: str | os.PathLike, bundle: ModelBundle) -> str:
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(fileio.join(path, VARIABLES_DIR), variables, force=True)
     checkpointer.wait_until_finished()
+    # Checked before every load: orbax would read a damaged file silently or fail inside
+    # tensorstore, whose other reads then print "Event loop is closed" as they finish.
+    record_checksums(fileio.join(path, VARIABLES_DIR))
     meta = {
         "format_version": FORMAT_VERSION,
         "model": bundle.name,
@@ -186,8 +190,14 @@ def load_bundle(path: str | os.PathLike) -> ModelBundle:
         metadata=meta.get("metadata", {}),
     )
     variables_dir = fileio.join(path, VARIABLES_DIR)
+    problem = verify_files(variables_dir, VARIABLES_DIR)
+    if problem:
+        raise ValueError(
+            f"The weights of {path} are truncated or damaged ({problem}); write the bundle again."
+        )
     try:
-        restored = ocp.StandardCheckpointer().restore(variables_dir)
+        with _closed_loop_reports_dropped():
+            restored = ocp.StandardCheckpointer().restore(variables_dir)
     except Exception as e:  # orbax raises many types for damaged or missing files
         raise ValueError(
             f"Could not read the weights in {variables_dir}: {type(e).__name__}: {e}. The "
@@ -453,9 +463,16 @@ def verify_step(workdir: str, step: int, kind: str = STATE_DIR) -> str | None:
     for rel in _REQUIRED[kind]:
         if not fileio.isfile(fileio.join(root, rel)):
             return f"{name}/{rel}: metadata missing"
+    return verify_files(root, name)
+
+
+def verify_files(root: str, name: str) -> str | None:
+    """None if every file `record_checksums(root)` recorded is there with its size and sha256,
+    or if root has no checksums file (unverified); otherwise the first problem, its path
+    starting with `name`."""
     sums_path = fileio.join(root, CHECKSUMS_FILE)
     if not fileio.isfile(sums_path):
-        return None  # written by an older version or killed before recording: unverified
+        return None if fileio.isdir(root) else f"{name}: directory missing"
     try:
         files = json.loads(fileio.read_text(sums_path))["files"]
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
@@ -571,13 +588,39 @@ def restore_state(
 def _orbax_errors(step: int, source: str) -> Iterator[None]:
     """Turns whatever orbax/tensorstore raise for a damaged step into one ValueError line."""
     try:
-        yield
+        with _closed_loop_reports_dropped():
+            yield
     except Exception as e:  # orbax raises many types (KeyError, ValueError, OSError, ...)
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ValueError(
             f"Could not read checkpoint {step} in {source}: {type(e).__name__}: {first[:300]}. "
             "The checkpoint is damaged or incomplete; move it away to use an earlier one."
         ) from e
+
+
+@contextlib.contextmanager
+def _closed_loop_reports_dropped() -> Iterator[None]:
+    """Drops what tensorstore's reads report as they finish after orbax gave up on a failed
+    restore and closed its event loop ("Event loop is closed", a dozen tracebacks through
+    sys.unraisablehook); every other unraisable error reaches the hook installed before.
+
+    After a failure the filter stays (once per process): those reads may finish after the
+    error has reached the caller.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop_reports", False):
+        yield
+        return
+
+    def hook(unraisable: Any) -> None:
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and "Event loop is closed" in str(error)):
+            previous(unraisable)
+
+    hook.drops_closed_loop_reports = True
+    sys.unraisablehook = hook
+    yield  # an exception leaves the filter installed
+    sys.unraisablehook = previous
 
 
 @_quiet_when_read_only
