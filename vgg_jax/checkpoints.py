@@ -141,7 +141,10 @@ def save_bundle(path: str | os.PathLike, bundle: ModelBundle) -> str:
     checkpointer.wait_until_finished()
     # Checked before every load: orbax would read a damaged file silently or fail inside
     # tensorstore, whose other reads then print "Event loop is closed" as they finish.
-    record_checksums(fileio.join(path, VARIABLES_DIR))
+    # Recorded by the process that wrote the files (orbax's primary; the others' saves of a
+    # multi-process run write nothing there).
+    if jax.process_index() == 0:
+        record_checksums(fileio.join(path, VARIABLES_DIR))
     meta = {
         "format_version": FORMAT_VERSION,
         "model": bundle.name,
