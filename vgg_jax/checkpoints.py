@@ -601,6 +601,12 @@ def _orbax_errors(step: int, source: str) -> Iterator[None]:
         ) from e
 
 
+def is_closed_loop_report(error: BaseException | None) -> bool:
+    """True for what tensorstore raises when an orbax read or write finishes after orbax
+    closed its event loop (a failed restore or background save): no news to the user."""
+    return isinstance(error, RuntimeError) and "Event loop is closed" in str(error)
+
+
 @contextlib.contextmanager
 def _closed_loop_reports_dropped() -> Iterator[None]:
     """Drops what tensorstore's reads report as they finish after orbax gave up on a failed
@@ -616,8 +622,7 @@ def _closed_loop_reports_dropped() -> Iterator[None]:
         return
 
     def hook(unraisable: Any) -> None:
-        error = unraisable.exc_value
-        if not (isinstance(error, RuntimeError) and "Event loop is closed" in str(error)):
+        if not is_closed_loop_report(unraisable.exc_value):
             previous(unraisable)
 
     hook.drops_closed_loop_reports = True

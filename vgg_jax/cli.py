@@ -180,15 +180,19 @@ def _without_traceback(record: logging.LogRecord) -> bool:
 
 def _callback_error(exc_type: type, error: BaseException, tb: Any) -> None:
     """What a C++ thread's Python callback raised (it reports through sys.excepthook)."""
-    if isinstance(error, RuntimeError) and "Event loop is closed" in str(error):
+    from vgg_jax.checkpoints import is_closed_loop_report
+
+    if is_closed_loop_report(error):
         return  # orbax cancelling the tasks of a failed background save: no news
     print(f"Error in a background thread: {describe(error)}", file=sys.stderr)
 
 
 def _unraisable_error(unraisable: Any) -> None:
     """What a C++ callback could not raise anywhere (tensorstore's, through sys.unraisablehook)."""
+    from vgg_jax.checkpoints import is_closed_loop_report
+
     error = unraisable.exc_value
-    if error is None or isinstance(error, RuntimeError) and "Event loop is closed" in str(error):
+    if error is None or is_closed_loop_report(error):
         return  # a future of a failed background save finishing after orbax gave up on it
     where = f" in {unraisable.object!r}" if unraisable.object is not None else ""
     print(f"Error ignored{where}: {describe(error)}", file=sys.stderr)
