@@ -187,6 +187,17 @@ def test_resume_with_another_experiment_is_refused_unless_overridden(tmp_path, c
     assert json.loads((tmp_path / "config.json").read_text())["model"] == "vgg11_lrn"
 
 
+def test_the_silent_start_up_is_announced_with_the_progress_bar(tmp_path, capsys):
+    task = Classification()
+    task.train(tmp_path / "bar", max_steps=2, num_devices=1, progress_bar=True)
+    said = capsys.readouterr().err.splitlines()
+    announced = [i for i, line in enumerate(said) if line.startswith("Step 0 of 2: preparing")]
+    progress = [i for i, line in enumerate(said) if line.startswith("epoch ")]
+    assert announced and progress and announced[0] < progress[0], said
+    task.train(tmp_path / "quiet", max_steps=2, num_devices=1, progress_bar=False)
+    assert "preparing the training input" not in capsys.readouterr().err
+
+
 @needs_fashion_mnist
 def test_localisation_honours_grad_accum_steps(tmp_path):
     # No BN and no dropout: the accumulated update is the unsplit one (train.py's docstring).

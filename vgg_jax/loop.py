@@ -580,6 +580,13 @@ def _steps(run: _Run, state: TrainState) -> Outcome:
     counts = run.meta.pop("bad_images", None)  # the summary has the figures' counts instead
     if task.bad_images is not None and counts:  # each process continues its own share
         task.bad_images.resume(counts, jax.process_index(), jax.process_count())
+    if run.bar.enabled:
+        # Reading the input (an in-memory training set decodes it all) and compiling take
+        # 20-40 s on a 2-core CPU before the first progress line; say what is happening.
+        run.say(
+            f"Step {step} of {total}: preparing the training input and compiling the train "
+            f"step; progress every {config.log_every_steps} steps."
+        )
     data = task.batches(step)
     logger = _Logger(run, step)
     figures: dict[str, float] = {}
