@@ -106,6 +106,11 @@ def test_model_axis_shards_fc_and_gives_same_numbers(tmp_path, dp8_run):
     _assert_trees_close(_params(dp8_run), _params(tmp_path / "mp"))
 
 
+def test_more_devices_than_there_are_is_refused_with_the_fix():
+    with pytest.raises(ValueError, match=r"num_devices=9, .* sees 8 device.*at most 8, or 0"):
+        parallel.create_mesh(fake_data.tiny_config(num_devices=9))
+
+
 def test_batch_that_does_not_divide_the_data_axis_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"batch_size=12 does not divide .* 8 devices"):
         _train(tmp_path, batch_size=12)
@@ -269,7 +274,11 @@ def test_command_line_override_typo(tmp_path):
         timeout=120,
     )
     assert proc.returncode != 0
-    assert "batch_size" in proc.stderr and "Traceback" not in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "Bad command line: no config field 'batch_sise'. "
+        'Did you mean "batch_size" instead of "batch_sise"?'
+    )
     assert not os.path.exists(tmp_path / "checkpoints")
 
 

@@ -185,8 +185,23 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
     except (AttributeError, KeyError, flags.Error) as e:
-        message = str(e).strip("'\"").replace("\\n", " ").replace("\n", " ")
-        sys.exit(f"Bad command line: {message}")
+        sys.exit(f"Bad command line: {_plain_message(e)}")
+
+
+def _plain_message(error: BaseException) -> str:
+    """One line of an error's text; ml_collections wraps a KeyError in an AttributeError.
+
+    str() of a KeyError is the repr of its message, escaped quotes included, so a
+    KeyError's message is taken from its arguments.
+    """
+    while error.args and isinstance(error.args[0], BaseException):
+        error = error.args[0]
+    missing = isinstance(error, KeyError) and error.args  # a misspelt config field
+    text = str(error.args[0] if missing else error).replace("\\n", "\n")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if missing and lines:
+        lines[0] = f"no config field {lines[0]}."
+    return " ".join(lines)
 
 
 def _config_flag_values(argv: Sequence[str]) -> list[str]:

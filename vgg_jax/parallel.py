@@ -77,7 +77,10 @@ def create_mesh(config: Any) -> Mesh:
         if jax.process_count() > 1:
             raise ValueError("config.num_devices is for single-process runs; leave it at 0.")
         if num > len(devices):
-            raise ValueError(f"config.num_devices={num} but only {len(devices)} devices exist.")
+            raise ValueError(
+                f"config.num_devices={num}, but this process sees {len(devices)} device(s) "
+                f"({devices[0].platform}); set num_devices to at most {len(devices)}, or 0 for all."
+            )
         devices = devices[:num]
     model = int(config.get("mesh_model_axis", 1) or 1)
     if len(devices) % model:
