@@ -174,3 +174,10 @@ def test_failed_background_save_prints_nothing_but_the_one_line(monkeypatch, cap
         assert seen == [hooks]
     finally:
         logging.getLogger().removeHandler(handler)
+
+
+def test_int_list_reads_comma_separated_integers_or_names_the_flag():
+    assert cli.int_list("256, 384,512,", "--scales") == (256, 384, 512)
+    for bad in ("256;384", "", " , ", "1.5"):
+        with pytest.raises(SystemExit, match="--scales must be comma-separated integers"):
+            cli.int_list(bad, "--scales")

@@ -58,6 +58,17 @@ def debug_requested(argv: list[str] | None = None) -> bool:
     return os.environ.get(DEBUG_ENV, "") not in ("", "0") or DEBUG_FLAG in argv[1:]
 
 
+def int_list(text: str, flag: str) -> tuple[int, ...]:
+    """A flag's comma-separated integers ("256,384,512"); else an exit naming the flag."""
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values:
+        raise SystemExit(f"{flag} must be comma-separated integers, got {text!r}.")
+    return values
+
+
 def run(main: Callable[..., Any], *args: Any, **kwargs: Any) -> NoReturn:
     """Runs `main(*args, **kwargs)` and exits: its int result (0 for anything else) or 1.
 

@@ -43,7 +43,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from vgg_jax import checkpoints, fileio, image_io, metrics, protocols
+from vgg_jax import checkpoints, cli, fileio, image_io, metrics, protocols
 
 # The command line hands evaluators this many batches' worth of images at a time.
 GROUP_BATCHES = 4
@@ -470,20 +470,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _parse_scales(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(q) for q in text.split(",") if q.strip())
-    except ValueError:
-        raise SystemExit(f"--scales must be comma-separated integers, got {text!r}.") from None
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     members = load_members(args)
     config = data_config(args, members)
     if args.flip is None:
         args.flip = default_flip(config)
-    scales = _parse_scales(args.scales) if args.scales else default_scales(config)
+    scales = cli.int_list(args.scales, "--scales") if args.scales else default_scales(config)
     if args.batch_size is None:
         args.batch_size = default_batch_size(scales)
     split = args.split or config.eval_split
@@ -565,6 +558,4 @@ def _report(summary: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]
 
 
 if __name__ == "__main__":
-    from vgg_jax import cli
-
     cli.run(main)

@@ -33,6 +33,7 @@ import numpy as np
 from vgg_jax import (
     boxes,
     checkpoints,
+    cli,
     configuration,
     evaluate,
     fileio,
@@ -300,7 +301,7 @@ def image_main(argv: Sequence[str]) -> str:
         channels = int(member.variables["params"]["features"]["conv1_1"]["kernel"].shape[2])
         image = image_io.load_image(args.image, channels)
         info = checkpoints.load_bundle(args.workdir[0]).metadata["localization"]
-        scales = [int(q) for q in args.scales.split(",")] if args.scales else info["dense_scales"]
+        scales = cli.int_list(args.scales, "--scales") if args.scales else info["dense_scales"]
         scales = [q for q in scales if q >= member.model.image_size] or [member.model.image_size]
         (preds,) = dense_localize(
             localizers, member, [image], scales, top=max(1, args.top), merge_iou=info["merge_iou"]

@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from vgg_jax import class_names as names_lib
-from vgg_jax import pretrained, reference_preprocessing
+from vgg_jax import cli, pretrained, reference_preprocessing
 from vgg_jax.checkpoints import ModelBundle
 from vgg_jax.image_io import open_image, pixels
 
@@ -128,13 +128,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--scales", help="comma-separated Q for --dense (default 256,384,512)")
     parser.add_argument("--top", type=int, default=5, help="how many classes to print")
     args = parser.parse_args(argv)
-    scales = [int(q) for q in args.scales.split(",")] if args.scales else None
+    scales = cli.int_list(args.scales, "--scales") if args.scales else None
     try:
         bundle = pretrained.resolve(args.weights, args.which)
         results = predict(bundle, args.images, args.dense, args.top, scales)
     except (ValueError, OSError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        print(f"Error: {e}", file=sys.stderr)  # as every command words a failure
+        return 1
     view = reference_preprocessing.describe_view(bundle)
     how = "dense, multi-scale + flip" if args.dense else view
     for path, top in zip(args.images, results, strict=True):
@@ -145,6 +145,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from vgg_jax import cli
-
     cli.run(main)

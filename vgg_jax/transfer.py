@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from vgg_jax import checkpoints, features, fileio, image_io
+from vgg_jax import checkpoints, cli, features, fileio, image_io
 from vgg_jax.transfer_svm import (
     DEFAULT_C_GRID,
     caltech_protocol,
@@ -479,13 +479,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _ints(text: str, flag: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise SystemExit(f"{flag} must be comma-separated integers, got {text!r}.") from None
-
-
 def _floats(text: str, flag: str) -> tuple[float, ...]:
     try:
         values = tuple(float(v) for v in text.split(",") if v.strip())
@@ -520,13 +513,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     bundles = [load_network(path, args.which)[1] for path in args.weights]
     sizes = {b.image_size for b in bundles}
-    scales = _ints(args.scales, "--scales") if args.scales else default_scales(max(sizes))
+    scales = cli.int_list(args.scales, "--scales") if args.scales else default_scales(max(sizes))
     settings = TransferSettings(
         scales=scales,
         flip=not args.no_flip,
         combine=args.combine,
         metric=args.metric,
-        train_per_class=_ints(args.train_per_class, "--train-per-class"),
+        train_per_class=cli.int_list(args.train_per_class, "--train-per-class"),
         splits=args.splits,
         c_grid=_floats(args.c_grid, "--c-grid"),
         pixels=args.pixels,
@@ -544,7 +537,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             common = dict(
                 data_dir=args.data_dir,
                 manual_dir=args.manual_dir,
-                classes=_ints(args.classes, "--classes"),
+                classes=cli.int_list(args.classes, "--classes"),
                 seed=args.seed,
             )
             train_set = load_split(
@@ -569,6 +562,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from vgg_jax import cli
-
     cli.run(main)
