@@ -106,15 +106,15 @@ def test_predict_cli_matches_torch_on_the_same_crop(image_files, tmp_path, capsy
 
 
 def test_predict_cli_errors(image_files, tmp_path, capsys):
-    assert predict.main([image_files["rgb"], "--weights", str(tmp_path)]) == 2
+    assert predict.main([image_files["rgb"], "--weights", str(tmp_path)]) == 1
     assert "neither a model bundle" in capsys.readouterr().err
-    assert predict.main([image_files["rgb"], "--weights", "vgg17"]) == 2
+    assert predict.main([image_files["rgb"], "--weights", "vgg17"]) == 1
     assert "not a weights name (keras_vgg16, " in capsys.readouterr().err
     _, bundle_dir = tiny_torchvision_bundle(tmp_path)
     bundle = checkpoints.load_bundle(bundle_dir)
     bundle.metadata["features_only"] = True  # like vgg16_features or a Keras notop file
     checkpoints.save_bundle(tmp_path / "features", bundle)
-    assert predict.main([image_files["rgb"], "--weights", str(tmp_path / "features")]) == 2
+    assert predict.main([image_files["rgb"], "--weights", str(tmp_path / "features")]) == 1
     assert "trained features only" in capsys.readouterr().err
 
 

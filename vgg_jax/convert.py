@@ -577,8 +577,8 @@ def main(argv: list[str] | None = None) -> int:
                 bundle = adapt_bundle(bundle, args.in_channels)
         checkpoints.save_bundle(args.to, bundle)
     except (ValueError, OSError) as e:  # ConversionError is a ValueError, DownloadError an OSError
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        print(f"Error: {e}", file=sys.stderr)  # as every command words a failure
+        return 1
     p = bundle.preprocessing
     print(
         f"Converted {bundle.name} ({bundle.metadata.get('source_format', 'bundle')}, image_size "
