@@ -29,6 +29,12 @@ def test_expected_errors_give_their_message(capsys, monkeypatch):
     assert _exit_line(_raise(ValueError("bad\n  value")), capsys) == "Error: bad value"
     assert _exit_line(_raise(workdir_lock.WorkdirInUse("in use")), capsys) == "Error: in use"
     assert _exit_line(_raise(FileNotFoundError("X is missing")), capsys) == "Error: X is missing"
+    # A command's own exit line is worded the same way, once.
+    assert _exit_line(_raise(SystemExit("--scales must be integers.")), capsys) == (
+        "Error: --scales must be integers."
+    )
+    assert _exit_line(_raise(SystemExit("Error: X.")), capsys) == "Error: X."
+    assert _exit_line(_raise(SystemExit("Bad command line: Y.")), capsys) == "Bad command line: Y."
 
 
 def test_os_errors_say_what_happened(monkeypatch, capsys):

@@ -16,6 +16,8 @@ exit status 1, never a traceback:
 * a config file's syntax error with file, line and the line's text; a config
   file that does not exist; a traceback that absl or ml_collections folded into
   a message, reduced to its last error and the config file's line;
+* a command's own exit message (SystemExit) with "Error: " in front where it
+  lacks it, so that every failure reads alike;
 * anything else as "Error: <type>: <message> (at FILE:LINE)" and how to see the
   traceback: the `--debug` flag (taken out of argv before the command parses it)
   or VGG_JAX_DEBUG=1, with which the exception is raised as it is.
@@ -42,6 +44,8 @@ DEBUG_FLAG = "--debug"
 HOW_TO_DEBUG = f"run with {DEBUG_FLAG} or {DEBUG_ENV}=1 for the traceback"
 _TRACEBACK = "Traceback (most recent call last):"
 _NO_SPACE = "No space left on device"
+# Failure lines that start so already; every other one gets "Error: " in front.
+_OWN_WORDING = ("Error", "Bad command line:", "Interrupted.")
 _ORBAX = f"{os.sep}orbax{os.sep}"  # in the path of orbax's modules, so of their log records
 
 
@@ -172,6 +176,8 @@ def _call(main: Callable[..., Any], debug: bool, *args: Any, **kwargs: Any) -> A
                 sys.exit(_disk_full(None, sys.argv))
             if _TRACEBACK in e.code:
                 sys.exit(_fold(e.code))
+            if not e.code.startswith(_OWN_WORDING):  # "--scales must be ...", a name not found
+                sys.exit(f"Error: {e.code}")
         raise
     except KeyboardInterrupt:
         if debug:
