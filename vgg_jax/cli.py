@@ -45,7 +45,7 @@ HOW_TO_DEBUG = f"run with {DEBUG_FLAG} or {DEBUG_ENV}=1 for the traceback"
 _TRACEBACK = "Traceback (most recent call last):"
 _NO_SPACE = "No space left on device"
 # Failure lines that start so already; every other one gets "Error: " in front.
-_OWN_WORDING = ("Error", "Bad command line:", "Interrupted.")
+_OWN_WORDING = ("Error", "Bad command line:")
 _ORBAX = f"{os.sep}orbax{os.sep}"  # in the path of orbax's modules, so of their log records
 
 
