@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -101,6 +102,67 @@ def test_impossible_values_are_named():
     config = _config("vgg11.py")
     config.schedule = "linear"
     with pytest.raises(ValueError, match=r"schedule='linear'; choose one of"):
+        configuration.validate_config(config)
+
+
+@pytest.mark.parametrize(
+    "field, value, wording",
+    [
+        ("width_divisor", 0, ">= 1"),  # was a ZeroDivisionError in the model
+        ("fc_width", 0, ">= 1"),
+        ("num_classes", 0, ">= 1"),
+        ("checkpoint_every_steps", 0, ">= 1"),  # was a ZeroDivisionError in the loop
+        ("eval_batch_size", -3, ">= 1"),  # failed only at the first evaluation
+        ("eval_every_epochs", 0, ">= 1"),
+        ("keep_checkpoints", 0, ">= 1"),  # nothing to resume from
+        ("shuffle_buffer", 0, ">= 1"),
+        ("seed", -1, ">= 0"),
+        ("max_steps", -5, ">= 0"),
+        ("weight_decay", -1.0, ">= 0"),
+        ("warmup_epochs", -1.0, ">= 0"),
+        ("dropout_rate", 1.5, "in [0, 1)"),  # trained on nonsense before
+        ("dropout_rate", 1.0, "in [0, 1)"),
+        ("momentum", 2.0, "in [0, 1)"),
+        ("momentum", float("nan"), "in [0, 1)"),
+        ("plateau_factor", 1.0, "in (0, 1)"),
+        ("step_factor", 0.0, "in (0, 1]"),
+        ("value_range", 0.0, "> 0"),
+        ("divergence_factor", 0.5, "0 (off) or > 1"),  # would stop every run at once
+        ("learning_rate", float("nan"), "positive"),
+    ],
+)
+def test_every_number_out_of_its_range_is_refused_naming_field_and_range(field, value, wording):
+    config = _config("fashion_mnist.py:quick")
+    config[field] = value
+    with pytest.raises(ValueError, match=rf"config\.{field} must be {re.escape(wording)}"):
+        configuration.validate_config(config)
+
+
+def test_the_edges_of_each_range_are_accepted():
+    config = _config("fashion_mnist.py:quick")
+    edges = {"dropout_rate": 0.0, "momentum": 0.0, "step_factor": 1.0, "divergence_factor": 0.0,
+             "max_steps": 0, "seed": 0, "weight_decay": 0.0, "eval_scale": 32,
+             "test_scales": (32, 64)}  # fmt: skip
+    for field, value in edges.items():
+        config[field] = value
+    configuration.validate_config(config)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"test_scales": (16,)}, "config.test_scales=(16,): every scale Q must be >= the "
+         "training crop image_size=32"),  # failed after the whole run, at the test table
+        ({"train_eval_scales": (64, 16)}, "config.train_eval_scales=(64, 16): every scale Q"),
+        ({"eval_scale": 16}, "config.eval_scale=16: every scale Q"),
+        ({"train_scale_min": 64, "train_scale_max": 48}, "Need image_size <= train_scale_min"),
+    ],
+)  # fmt: skip
+def test_scales_below_the_training_crop_are_refused_before_training(overrides, message):
+    config = _config("fashion_mnist.py:quick")
+    for field, value in overrides.items():
+        config[field] = value
+    with pytest.raises(ValueError, match=re.escape(message)):
         configuration.validate_config(config)
 
 

@@ -22,6 +22,7 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
+from vgg_jax import configuration
 from vgg_jax.input_common import (
     channel_stats,
     decode_image,
@@ -60,10 +61,7 @@ class Augment:
                 f"config.resize_method {config.resize_method!r} not supported; use one of "
                 f"{sorted(_KERNELS)}."
             )
-        if not size <= lo <= hi:
-            raise ValueError(
-                f"Need image_size <= train_scale_min <= train_scale_max, got {size}, {lo}, {hi}."
-            )
+        configuration.check_scales(config)
         return cls(
             size,
             lo,

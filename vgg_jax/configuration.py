@@ -320,6 +320,71 @@ def validate_config(config: ml_collections.ConfigDict, task: str = CLASSIFICATIO
         schema.validate(config)
 
 
+def _at_least(low: float) -> tuple[Callable[[float], bool], str]:
+    return (lambda v: v >= low), f">= {low}"
+
+
+# The values each number of the classification schema allows. Checked before a run starts,
+# so a bad value is one line at once, not a ZeroDivisionError in the model, a failure at the
+# first evaluation an epoch in, or a run that trains on nonsense (dropout 1.5, momentum 2).
+NUMBER_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
+    **{
+        key: _at_least(1)
+        for key in (
+            "num_classes",
+            "width_divisor",
+            "fc_width",
+            "batch_size",
+            "eval_batch_size",
+            "grad_accum_steps",
+            "num_epochs",
+            "log_every_steps",
+            "eval_every_epochs",
+            "checkpoint_every_steps",
+            "keep_checkpoints",  # 0 would keep no checkpoint to resume from
+            "mesh_model_axis",
+            "shuffle_buffer",
+        )
+    },
+    **{
+        key: _at_least(0)
+        for key in (
+            "seed",
+            "max_steps",
+            "num_devices",
+            "weight_decay",
+            "color_shift",
+            "warmup_epochs",
+            "plateau_patience",
+            "plateau_max_reductions",
+        )
+    },
+    "dropout_rate": ((lambda v: 0 <= v < 1), "in [0, 1)"),
+    "momentum": ((lambda v: 0 <= v < 1), "in [0, 1)"),
+    "plateau_factor": ((lambda v: 0 < v < 1), "in (0, 1)"),
+    "step_factor": ((lambda v: 0 < v <= 1), "in (0, 1]"),
+    "step_epochs": ((lambda v: v > 0), "> 0"),
+    "value_range": ((lambda v: v > 0), "> 0"),
+    "divergence_factor": ((lambda v: v == 0 or v > 1), "0 (off) or > 1"),
+}
+
+
+def check_scales(config: ml_collections.ConfigDict) -> None:
+    """The training crop fits every scale: image_size <= S_min <= S_max, and every Q."""
+    size, lo, hi = config.image_size, config.train_scale_min, config.train_scale_max
+    if not size <= lo <= hi:
+        raise ValueError(
+            f"Need image_size <= train_scale_min <= train_scale_max, got {size}, {lo}, {hi}."
+        )
+    for key in ("eval_scale", "train_eval_scales", "test_scales"):
+        scales = config[key] if isinstance(config[key], Sequence) else (config[key],)
+        if any(q < size for q in scales):
+            raise ValueError(
+                f"config.{key}={config[key]!r}: every scale Q must be >= the training crop "
+                f"image_size={size}."
+            )
+
+
 def _validate_classification(config: ml_collections.ConfigDict) -> None:
     models.get_spec(config.model)  # unknown model names raise with the valid names
     if config.initializer not in models.INITIALIZERS:
@@ -332,9 +397,11 @@ def _validate_classification(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"config.init_from_mode={config.init_from_mode!r}; choose one of {INIT_MODES}."
         )
-    for key in ("batch_size", "num_epochs", "grad_accum_steps", "log_every_steps"):
-        if int(config[key]) < 1:
-            raise ValueError(f"config.{key} must be >= 1, got {config[key]}.")
+    for key, (allowed, wording) in NUMBER_RANGES.items():
+        value = config[key]
+        if isinstance(value, bool) or not isinstance(value, int | float) or not allowed(value):
+            raise ValueError(f"config.{key} must be {wording}, got {value!r}.")
+    check_scales(config)
     if config.batch_size % config.grad_accum_steps:
         raise ValueError(
             f"config.batch_size={config.batch_size} is not a multiple of "
