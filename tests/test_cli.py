@@ -184,6 +184,31 @@ def test_failed_background_save_prints_nothing_but_the_one_line(monkeypatch, cap
 
 def test_int_list_reads_comma_separated_integers_or_names_the_flag():
     assert cli.int_list("256, 384,512,", "--scales") == (256, 384, 512)
-    for bad in ("256;384", "", " , ", "1.5"):
-        with pytest.raises(SystemExit, match="--scales must be comma-separated integers"):
+    for bad in ("256;384", "", " , ", "1.5", "0", "32,-4"):  # Q = 0 was a ZeroDivisionError
+        with pytest.raises(SystemExit, match="--scales must be comma-separated integers >= 1"):
             cli.int_list(bad, "--scales")
+    assert cli.int_list("0,3", "--classes", minimum=0) == (0, 3)
+    with pytest.raises(SystemExit, match="--classes must be comma-separated integers >= 0"):
+        cli.int_list("1,-2", "--classes", minimum=0)
+
+
+def test_usage_errors_are_one_line_naming_the_argument_and_help(capsys):
+    parser = cli.ArgumentParser(prog="python -m vgg_jax.probe")
+    parser.add_argument("image")
+    parser.add_argument("--top", type=cli.integer(1), default=5)
+    parser.add_argument("--limit", type=cli.integer(0), default=0)
+    parser.add_argument("--mode", choices=("dense", "multicrop"))
+    assert parser.parse_args(["x.png", "--top", "1", "--limit", "0"]).top == 1
+    for argv, words in (
+        (["x.png", "--top", "0"], "argument --top: must be an integer >= 1, got '0'"),
+        (["x.png", "--limit", "-1"], "argument --limit: must be an integer >= 0, got '-1'"),
+        (["x.png", "--top", "two"], "argument --top: must be an integer >= 1, got 'two'"),
+        (["x.png", "--mode", "crop"], "argument --mode: invalid choice: 'crop'"),
+        ([], "the following arguments are required: image"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            parser.parse_args(argv)
+        assert e.value.code == 2
+        lines = capsys.readouterr().err.splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"Bad command line: {words}"), lines
+        assert lines[0].endswith("(python -m vgg_jax.probe --help lists the options).")

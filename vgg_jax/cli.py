@@ -29,6 +29,7 @@ is one line or nothing, so that a full disk ends in the one line above only.
 
 from __future__ import annotations
 
+import argparse
 import errno
 import logging
 import os
@@ -62,14 +63,36 @@ def debug_requested(argv: list[str] | None = None) -> bool:
     return os.environ.get(DEBUG_ENV, "") not in ("", "0") or DEBUG_FLAG in argv[1:]
 
 
-def int_list(text: str, flag: str) -> tuple[int, ...]:
-    """A flag's comma-separated integers ("256,384,512"); else an exit naming the flag."""
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose usage errors are one line, as every other failure is."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"Bad command line: {message} ({self.prog} --help lists the options).\n")
+
+
+def integer(minimum: int) -> Callable[[str], int]:
+    """An argparse `type`: an integer >= minimum (a count, a size, a seed)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+def int_list(text: str, flag: str, minimum: int = 1) -> tuple[int, ...]:
+    """A flag's comma-separated integers >= minimum ("256,384,512"); else an exit naming it."""
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
         values = ()
-    if not values:
-        raise SystemExit(f"{flag} must be comma-separated integers, got {text!r}.")
+    if not values or min(values) < minimum:
+        raise SystemExit(f"{flag} must be comma-separated integers >= {minimum}, got {text!r}.")
     return values
 
 

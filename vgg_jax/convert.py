@@ -37,7 +37,6 @@ readers. Weights by name (download, cache) are `vgg_jax.pretrained`.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import re
@@ -47,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from vgg_jax import checkpoints, download, file_formats, models
+from vgg_jax import checkpoints, cli, download, file_formats, models
 from vgg_jax.checkpoints import ModelBundle, Preprocessing
 from vgg_jax.convert_common import (
     FORMATS,
@@ -512,7 +511,7 @@ def fetch_source(src: str, sha256: str | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m vgg_jax.convert",
         description="Convert torchvision/Keras VGG weights to a vgg_jax bundle, or export one.",
     )
@@ -532,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="expected model, e.g. vgg16 (default: detected)")
     parser.add_argument(
         "--image-size",
-        type=int,
+        type=cli.integer(32),
         help="torchvision only: build for this input size, folding the 7x7 adaptive pool "
         "into FC1 (default 224)",
     )
@@ -589,6 +588,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from vgg_jax import cli
-
     cli.run(main)

@@ -426,7 +426,7 @@ def _group_to_batch(group: list[dict[str, Any]], scales: Sequence[int]):
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog="python -m vgg_jax.evaluate",
         description="The paper's test protocols (dense, multi-crop, both; ensembles) on a split.",
     )
@@ -455,11 +455,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="add each image's mirror image (default: as the run trained, its random_flip; "
         "the paper trains and tests with flips)",
     )
-    p.add_argument("--grid", type=int, default=5, help="multi-crop grid side (5: 5x5)")
-    p.add_argument("--limit", type=int, default=0, help="only the first N examples (per process)")
+    p.add_argument("--grid", type=cli.integer(1), default=5, help="multi-crop grid side (5: 5x5)")
+    p.add_argument(
+        "--limit", type=cli.integer(0), default=0, help="only the first N examples (per process)"
+    )
     p.add_argument(
         "--batch-size",
-        type=int,
+        type=cli.integer(1),
         help="images per network call (default: 8 at the paper's scales, more for small "
         "images, `default_batch_size`)",
     )

@@ -17,7 +17,6 @@ The commands (`python -m vgg_jax.localize ...` runs `main` here):
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -280,7 +279,7 @@ def draw(
 
 def image_main(argv: Sequence[str]) -> str:
     """`python -m vgg_jax.localize IMAGE --workdir RUN [--workdir RUN2]`: draws the merged boxes."""
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog="python -m vgg_jax.localize",
         description="Localise objects in an image (dense, merged boxes) and draw them (PNG).",
     )
@@ -289,7 +288,9 @@ def image_main(argv: Sequence[str]) -> str:
                    help="localisation run (repeat for a union of nets)")  # fmt: skip
     p.add_argument("--classifier", help="net that rates the boxes (default: the run's)")
     p.add_argument("--scales", help="test scales Q, comma-separated (default: the run's)")
-    p.add_argument("--top", type=int, default=5, help="number of classes (boxes) to draw")
+    p.add_argument(
+        "--top", type=cli.integer(1), default=5, help="number of classes (boxes) to draw"
+    )
     p.add_argument("--output", help="PNG to write (default: IMAGE_boxes.png here)")
     args = p.parse_args(argv)
     try:

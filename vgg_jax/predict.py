@@ -20,7 +20,6 @@ by image_size / 224) and its mirror image, soft-max averaged.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 
@@ -110,7 +109,7 @@ def predict(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m vgg_jax.predict",
         description="Top classes of images, with pretrained weights, a bundle or a training run.",
     )
@@ -126,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--dense", action="store_true", help="dense multi-scale evaluation")
     parser.add_argument("--scales", help="comma-separated Q for --dense (default 256,384,512)")
-    parser.add_argument("--top", type=int, default=5, help="how many classes to print")
+    parser.add_argument("--top", type=cli.integer(1), default=5, help="how many classes to print")
     args = parser.parse_args(argv)
     scales = cli.int_list(args.scales, "--scales") if args.scales else None
     try:

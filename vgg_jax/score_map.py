@@ -14,14 +14,13 @@ position whose window is centred nearest to it (`full_image_map`).
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Sequence
 
 import numpy as np
 
 from vgg_jax import class_names as names_lib
-from vgg_jax import evaluate, image_io, protocols
+from vgg_jax import cli, evaluate, image_io, protocols
 
 
 def class_names(bundle, labels_file: str | None, num_classes: int) -> list[str]:
@@ -101,7 +100,7 @@ def draw(
 
 
 def main(argv: Sequence[str] | None = None) -> str:
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog="python -m vgg_jax.score_map", description="Heat maps of the top classes of an image."
     )
     p.add_argument("image", help="JPEG/PNG file")
@@ -109,8 +108,10 @@ def main(argv: Sequence[str] | None = None) -> str:
     p.add_argument("--which", default="best", choices=("best", "latest"))
     p.add_argument("--checkpoint", help="model bundle directory (e.g. converted weights)")
     p.add_argument("--weights", help="weights name (e.g. vgg16), bundle or run directory")
-    p.add_argument("--scale", type=int, help="test scale Q (default: 384 for 224 networks)")
-    p.add_argument("--top", type=int, default=3, help="number of classes to draw")
+    p.add_argument(
+        "--scale", type=cli.integer(1), help="test scale Q (default: 384 for 224 networks)"
+    )
+    p.add_argument("--top", type=cli.integer(1), default=3, help="number of classes to draw")
     p.add_argument("--labels", help="text file with one class name per line")
     p.add_argument("--output", help="PNG to write (default: IMAGE_score_map.png here)")
     args = p.parse_args(argv)
@@ -141,6 +142,4 @@ def main(argv: Sequence[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    from vgg_jax import cli
-
     cli.run(main)

@@ -428,7 +428,7 @@ def run_experiment(config: Any, workdir: str, log: Log = _stderr) -> dict[str, A
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog="python -m vgg_jax.transfer",
         description="Linear-SVM transfer with the paper's dense multi-scale image descriptor.",
     )
@@ -457,22 +457,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--train-per-class", default="30", help="N training images per class, e.g. 10,30"
     )
-    p.add_argument("--splits", type=int, default=5, help="random splits (recall)")
+    p.add_argument("--splits", type=cli.integer(1), default=5, help="random splits (recall)")
     p.add_argument(
         "--pool-per-class",
-        type=int,
+        type=cli.integer(0),
         default=0,
         help="draw splits from this many training images per class (0: all)",
     )
-    p.add_argument("--test-per-class", type=int, default=0, help="test images per class (0: all)")
-    p.add_argument("--limit", type=int, default=0, help="first N images per split (map)")
+    p.add_argument(
+        "--test-per-class", type=cli.integer(0), default=0, help="test images per class (0: all)"
+    )
+    p.add_argument("--limit", type=cli.integer(0), default=0, help="first N images per split (map)")
     p.add_argument("--scales", help="Q values, e.g. 256,384,512 (default: the paper's, scaled)")
     p.add_argument("--combine", default="mean", choices=("mean", "stack"))
     p.add_argument("--no-flip", action="store_true")
     p.add_argument("--c-grid", default=",".join(str(c) for c in DEFAULT_C_GRID))
     p.add_argument("--pixels", action="store_true", help="also an SVM on raw pixels")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=cli.integer(1), default=256)
+    p.add_argument("--seed", type=cli.integer(0), default=0)
     p.add_argument("--output", help="write the results as JSON here")
     p.add_argument("--experiment", help="config FILE[:variant]: train a source net, then transfer")
     p.add_argument("--workdir", help="the experiment's training run directory")
@@ -537,7 +539,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             common = dict(
                 data_dir=args.data_dir,
                 manual_dir=args.manual_dir,
-                classes=cli.int_list(args.classes, "--classes"),
+                classes=cli.int_list(args.classes, "--classes", minimum=0),
                 seed=args.seed,
             )
             train_set = load_split(
