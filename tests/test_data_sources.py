@@ -28,6 +28,17 @@ def test_missing_fashion_mnist_lists_the_three_ways(tmp_path, monkeypatch, onlin
     assert data_sources.FASHION_MNIST_ENV in msg and "online" in msg
 
 
+def test_an_unknown_dataset_is_one_line_with_the_nearest_names(tmp_path):
+    # tfds's own message lists all 400+ of its names on as many lines.
+    with pytest.raises(ValueError) as e:
+        data_sources.create_source("cifar1O", data_dir=str(tmp_path))
+    message = str(e.value)
+    assert "\n" not in message and len(message) < 300, message
+    assert message.startswith("Unknown dataset 'cifar1O'. Did you mean 'cifar10'")
+    with pytest.raises(ValueError, match=r"Unknown dataset 'no_such_data'\. Give a"):
+        data_sources.create_source("no_such_data", data_dir=str(tmp_path))
+
+
 def test_idx_headers_and_counts_are_validated(tmp_path):
     real = os.path.join(FASHION_DIR or "", "t10k-labels-idx1-ubyte.gz")
     with pytest.raises(ValueError, match="holds 10000 items"):

@@ -130,6 +130,13 @@ def test_truncated_and_garbage_files_are_named(tmp_path):
             ip.decode_image(tf.constant(data), 3).numpy()
 
 
+def test_a_directory_given_as_an_image_is_named_as_one(tmp_path):
+    with pytest.raises(IsADirectoryError, match=r"is a directory; give image files"):
+        image_io.load_image(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"does not exist"):
+        image_io.load_image(tmp_path / "none.png")
+
+
 def test_rescaled_size_keeps_the_aspect_ratio_as_the_pipeline_does():
     for (h, w), q in [((28, 28), 32), ((375, 500), 256), ((500, 333), 384), ((60, 90), 40)]:
         want = tuple(int(v) for v in ip.rescaled_shape(h, w, q))

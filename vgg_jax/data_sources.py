@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import fcntl
 import functools
 import gzip
 import logging
 import os
+import re
 import socket
 import tempfile
 import urllib.parse
@@ -37,6 +39,8 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+
+from vgg_jax import cli
 
 log = logging.getLogger(__name__)
 
@@ -498,7 +502,10 @@ def _create_source(dataset: str, data_dir: str, manual_dir: str) -> Source:
     if dataset == "fashion_mnist":
         return TfdsSource(fashion_mnist_builder(data_dir, manual_dir))
     download_config = tfds.download.DownloadConfig(manual_dir=manual_dir or None)
-    builder = tfds.builder(dataset, data_dir=data_dir or None)
+    try:
+        builder = tfds.builder(dataset, data_dir=data_dir or None)
+    except tfds.core.DatasetNotFoundError as e:
+        raise ValueError(_unknown_dataset(dataset, str(e))) from None
     if not builder.is_prepared():
         try:
             builder.download_and_prepare(download_config=download_config)
@@ -516,6 +523,18 @@ def _create_source(dataset: str, data_dir: str, manual_dir: str) -> Source:
     return TfdsSource(builder)
 
 
+def _unknown_dataset(dataset: str, tfds_message: str) -> str:
+    """One line for a name tfds does not know (its own message lists all 400+ of its names)."""
+    listed = tfds_message.split("Available datasets:")[-1].split("Check that:")[0]
+    names = [*re.findall(r"^\s*- (\S+)$", listed, re.MULTILINE), "image_folder"]
+    close = difflib.get_close_matches(dataset, names, n=3)
+    hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+    return (
+        f"Unknown dataset {dataset!r}.{hint} Give a tensorflow-datasets name (fashion_mnist, "
+        "imagenet2012, cifar10, ...) or 'image_folder' for your own class folders (docs/data.md)."
+    )
+
+
 def split_names(source: Source) -> Sequence[str]:
     """Split names a source knows (for error messages)."""
     if isinstance(source, ClassSubsetSource):
@@ -530,9 +549,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     (tfds 4.9.10's own `tfds build` command needs apache_beam to start.)
     """
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Prepare a dataset for vgg_jax (once).")
+    parser = cli.ArgumentParser(
+        prog="python -m vgg_jax.data_sources", description="Prepare a dataset for vgg_jax (once)."
+    )
     parser.add_argument("dataset", help="imagenet2012, fashion_mnist, cifar10, ...")
     parser.add_argument("--data_dir", default="", help="tfds data_dir (local or gs://)")
     parser.add_argument("--manual_dir", default="", help="directory with the manual files")
@@ -544,6 +563,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from vgg_jax import cli
-
     cli.run(main)

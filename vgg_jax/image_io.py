@@ -80,6 +80,8 @@ def open_image(path: str | os.PathLike, channels: int = 3) -> Image.Image:
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}.")
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path!r} is a directory; give image files (DIR/*.png).")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Image file {path!r} does not exist.")
     try:
