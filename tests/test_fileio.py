@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from PIL import Image
 
 from vgg_jax import checkpoints, fileio
 from vgg_jax import metrics as metrics_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
@@ -39,7 +45,27 @@ def test_atomic_write_append_and_read(where, tmp_path, url_dir):
     fileio.append_text(path, "three\n")
     assert fileio.read_text(path) == "one\ntwo\nthree\n"
     assert fileio.isfile(path) and not fileio.isdir(path) and fileio.isdir(root)
-    assert not fileio.exists(path + ".tmp")
+    assert tf.io.gfile.listdir(root) == ["notes.txt"]  # no temporary file left
+
+
+def test_concurrent_atomic_writers_of_one_file_each_leave_a_whole_file(tmp_path):
+    # Two processes storing one result at once (two `evaluate` commands): with one shared
+    # temporary name, one renamed the other's half-written file and the other then failed.
+    path = tmp_path / "result.json"
+    script = (
+        "import sys; from vgg_jax import fileio\n"
+        "for _ in range(200): fileio.write_text_atomic(sys.argv[1], sys.argv[2] * 100_000)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    writers = [
+        subprocess.Popen([sys.executable, "-c", script, str(path), letter], env=env,
+                         stderr=subprocess.PIPE, text=True)  # fmt: skip
+        for letter in "ab"
+    ]
+    for writer in writers:
+        assert writer.wait(timeout=120) == 0, writer.stderr.read()
+    assert path.read_text() in ("a" * 100_000, "b" * 100_000)
+    assert os.listdir(tmp_path) == ["result.json"]  # no temporary file left
 
 
 def test_metrics_curves_and_run_config_on_a_url(url_dir):

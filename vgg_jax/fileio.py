@@ -7,6 +7,7 @@ through `tf.io.gfile`. Orbax takes both kinds of path as strings itself.
 """
 
 import os
+import uuid
 from typing import Any
 
 
@@ -69,18 +70,27 @@ def read_text(path: str | os.PathLike) -> str:
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Writes to a temporary name, then renames: readers never see half a file."""
+    """Writes to a temporary name, then renames: readers never see half a file.
+
+    The temporary name is the writer's own (pid and a random part), so two processes
+    writing the same file at once (two `evaluate` commands storing one result) each
+    rename a whole file of theirs: the last rename wins, neither fails.
+    """
     path = os.fspath(path)
-    tmp = path + ".tmp"
-    if is_url(path):
-        gfile = _gfile()
-        with gfile.GFile(tmp, "wb") as f:
-            f.write(data)
-        gfile.rename(tmp, path, overwrite=True)
-    else:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        if is_url(path):
+            gfile = _gfile()
+            with gfile.GFile(tmp, "wb") as f:
+                f.write(data)
+            gfile.rename(tmp, path, overwrite=True)
+        else:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+    finally:
+        if exists(tmp):  # a failed write (a full disk) leaves nothing behind
+            _gfile().remove(tmp) if is_url(tmp) else os.remove(tmp)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
