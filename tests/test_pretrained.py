@@ -6,6 +6,7 @@ file of random weights, registered under a test name with its SHA-256.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import http.server
@@ -113,6 +114,41 @@ def test_first_load_downloads_verifies_caches_then_no_network(served, cache, cap
     want = convert.convert_file(path).variables["params"]["fc8"]["kernel"]
     np.testing.assert_array_equal(again.variables["params"]["fc8"]["kernel"], want)
     assert class_names.class_names(again) == [f"class {i}" for i in range(10)]
+
+
+def test_a_bundle_published_meanwhile_by_another_process_is_kept(served, cache, monkeypatch):
+    # Two processes loading one name for the first time: each converts, the first to rename
+    # its copy into the cache wins; the other must neither write into nor delete that bundle.
+    directory, _, digest = served
+    server = Server(directory)
+    pretrained.register("tiny", f"{server.base}/models/{FILE}", f"sha256:{digest}", "torchvision")
+    cached = pretrained.bundle_dir("tiny")
+    save = checkpoints.save_bundle
+
+    def save_while_another_publishes(path, bundle):
+        other = dict(bundle.metadata, publisher="the other process")
+        save(cached, dataclasses.replace(bundle, metadata=other))
+        return save(path, bundle)
+
+    monkeypatch.setattr(checkpoints, "save_bundle", save_while_another_publishes)
+    pretrained.load("tiny", progress=False)
+    monkeypatch.setattr(checkpoints, "save_bundle", save)
+    assert pretrained.load("tiny").metadata["publisher"] == "the other process"
+    assert os.listdir(os.path.dirname(cached)) == [os.path.basename(cached)]  # no copy left
+    server.stop()
+
+
+def test_half_a_bundle_left_in_the_cache_is_replaced(served, cache):
+    directory, _, digest = served
+    server = Server(directory)
+    pretrained.register("tiny", f"{server.base}/models/{FILE}", f"sha256:{digest}", "torchvision")
+    cached = pretrained.bundle_dir("tiny")
+    os.makedirs(os.path.join(cached, "variables"))  # an earlier version killed mid-save
+    open(os.path.join(cached, "variables", "partial"), "w").close()
+    assert pretrained.load("tiny", progress=False).metadata["pretrained_name"] == "tiny"
+    assert checkpoints.is_bundle(cached)
+    assert not os.path.exists(os.path.join(cached, "variables", "partial"))
+    server.stop()
 
 
 def test_published_prefix_is_enough_like_torch_hub(served, cache):

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shutil
 import sys
 
 from vgg_jax import checkpoints, class_names, convert, download, fileio
@@ -166,8 +167,32 @@ def load(name: str, progress: bool = True) -> ModelBundle:
     }
     if entry.features_only:
         bundle.metadata["features_only"] = True
-    checkpoints.save_bundle(cached, bundle)  # its JSON is written last: never half a bundle
+    _publish(bundle, cached)
     return bundle
+
+
+def _publish(bundle: ModelBundle, cached: str) -> None:
+    """Saves `bundle` as `cached` by writing it aside and renaming it into place.
+
+    Processes that load one name for the first time at once (two notebooks, the workers of
+    a job) each convert it; the first rename wins and the others drop their copy, so no
+    process ever writes into, or deletes, a bundle another one may be reading.
+    """
+    staging = f"{cached}.part-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)  # a killed earlier process of this pid
+    checkpoints.save_bundle(staging, bundle)
+    for attempt in range(2):
+        try:
+            os.rename(staging, cached)
+            return
+        except OSError:
+            if checkpoints.is_bundle(cached):  # another process published it first
+                shutil.rmtree(staging, ignore_errors=True)
+                return
+            if attempt:
+                raise
+            # Half a bundle that an interrupted earlier version wrote in place.
+            shutil.rmtree(cached, ignore_errors=True)
 
 
 def _entry(name: str) -> Weights:
