@@ -198,6 +198,22 @@ def test_cli_convert_then_load_bundle_and_export(tmp_path):
     again = convert.read_torchvision_file(exported)
     for key, value in state.items():
         np.testing.assert_array_equal(again[key], value, err_msg=key)
+    assert convert.main([src, "--to", out, "--model", "vgg11"]) == 0  # a bundle is replaced
+
+
+def test_cli_refuses_to_write_a_bundle_into_a_directory_of_other_files(tmp_path, capsys):
+    # A bundle written into a training run would hide the run (its bundle.json is read first).
+    state = torchvision_state("vgg11", width_divisor=16, fc_width=32, num_classes=10)
+    src = str(tmp_path / "vgg11.safetensors")
+    convert.write_torchvision_file(state, src)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    assert convert.main([src, "--to", str(run)]) == 1
+    assert "holds other files and is not a vgg_jax bundle" in capsys.readouterr().err
+    assert sorted(os.listdir(run)) == ["config.json"]
+    (tmp_path / "empty").mkdir()
+    assert convert.main([src, "--to", str(tmp_path / "empty")]) == 0
 
 
 # ---------------------------------------------------------------------------

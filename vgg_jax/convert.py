@@ -510,6 +510,19 @@ def fetch_source(src: str, sha256: str | None) -> str:
     return download.fetch(src, f"sha256:{sha256.removeprefix('sha256:')}")
 
 
+def check_output_dir(path: str) -> None:
+    """--to may be new, empty or a bundle (replaced); never a directory of other files.
+
+    A bundle written into a training run would hide the run from every command that
+    reads the directory (a bundle's file is looked for first).
+    """
+    if os.path.isdir(path) and os.listdir(path) and not checkpoints.is_bundle(path):
+        raise ValueError(
+            f"--to {path} holds other files and is not a vgg_jax bundle (a training run?); "
+            "give a new or empty directory."
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = cli.ArgumentParser(
         prog="python -m vgg_jax.convert",
@@ -564,6 +577,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not args.to:
             parser.error("give --to OUT_BUNDLE (or --export-torchvision OUT)")
+        check_output_dir(args.to)
         src = fetch_source(args.src, args.sha256)
         if checkpoints.is_bundle(src) or _is_weights_name(src):
             from vgg_jax import pretrained  # it imports this module
