@@ -187,6 +187,19 @@ def test_resume_with_another_experiment_is_refused_unless_overridden(tmp_path, c
     assert json.loads((tmp_path / "config.json").read_text())["model"] == "vgg11_lrn"
 
 
+def test_a_damaged_config_json_beside_intact_checkpoints_names_the_way_out(tmp_path, capsys):
+    task = Classification()
+    task.train(tmp_path, max_steps=2, num_devices=1)
+    (tmp_path / "config.json").write_text('{"model": "vgg1')  # cut short by hand or a disk
+    way_out = r"config is damaged\. The checkpoints are intact: put the run's config.json back"
+    with pytest.raises(ValueError, match=way_out + r", or pass --config.resume_override=True"):
+        task.train(tmp_path, max_steps=3, num_devices=1)
+    result = task.train(tmp_path, max_steps=3, num_devices=1, resume_override=True)
+    assert result["step"] == 3  # resumed from step 2, not started again
+    assert "the damaged config.json replaced by this config" in capsys.readouterr().err
+    assert json.loads((tmp_path / "config.json").read_text())["max_steps"] == 3
+
+
 def test_the_silent_start_up_is_announced_with_the_progress_bar(tmp_path, capsys):
     task = Classification()
     task.train(tmp_path / "bar", max_steps=2, num_devices=1, progress_bar=True)

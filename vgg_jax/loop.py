@@ -386,7 +386,16 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> list[str
     """
     if not fileio.isfile(fileio.join(workdir, checkpoints.CONFIG_FILE)):
         return []
-    stored = checkpoints.read_run_config(workdir)
+    try:
+        stored = checkpoints.read_run_config(workdir)
+    except ValueError as e:  # damaged, beside intact checkpoints: only an override goes on
+        if config.get("resume_override", False):
+            return [f"the damaged {checkpoints.CONFIG_FILE} replaced by this config"]
+        raise ValueError(
+            f"{e} The checkpoints are intact: put the run's config.json back, or pass "
+            "--config.resume_override=True to continue with this command's config (config.json "
+            "is then rewritten)."
+        ) from None
     try:
         return configuration.check_resume(stored, config, workdir)
     except ValueError:
