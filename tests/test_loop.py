@@ -124,6 +124,37 @@ def test_killed_and_preempted_runs_resume_exactly_with_metrics_once(
     jax.tree.map(np.testing.assert_array_equal, task.params(workdir), straight)
 
 
+@pytest.fixture
+def ctrl_c_as_in_a_terminal():
+    """SIGINT raises KeyboardInterrupt, as in a terminal; a process started in the background
+    of a script (CI) inherits it ignored, and the trainer leaves an ignored signal alone."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_saves_the_step_and_a_rerun_resumes_exactly(
+    tmp_path, capsys, ctrl_c_as_in_a_terminal
+):
+    task = Classification()
+    task.train(tmp_path / "straight")
+    workdir = tmp_path / "stopped"
+    ctrl_c = lambda: os.kill(os.getpid(), signal.SIGINT)  # noqa: E731
+    stopped = task.train(workdir, interrupt=lambda b: _interrupted(b, 5, ctrl_c))
+    assert stopped["step"] == 5 and stopped["preempted"]  # step 5 is off the save grid (3, 6)
+    said = capsys.readouterr().err
+    assert "Ctrl-C: saving after this step" in said
+    assert f"Ctrl-C: saved step 5 in {workdir}; run the same command again" in said
+    assert task.train(workdir)["complete"]
+    assert "Resuming from step 5" in capsys.readouterr().err
+    jax.tree.map(np.testing.assert_array_equal, task.params(workdir),
+                 task.params(tmp_path / "straight"))  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C stops at once, unsaved
+        task.train(tmp_path / "twice", interrupt=lambda b: _interrupted(b, 5, lambda: (
+            ctrl_c(), ctrl_c())))  # fmt: skip
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+
+
 def test_divergence_keeps_a_checkpoint_before_it_and_a_lower_lr_resumes(tmp_path, capsys):
     task = Classification()
     # The learning rate ramps up to 20 over 8 steps: the loss rises, then goes non-finite.

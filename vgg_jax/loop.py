@@ -11,7 +11,7 @@ does the rest, the same way for every task:
   continues anyway and rewrites config.json);
 * steps, logs every `log_every_steps`, evaluates every `eval_every_epochs`,
   saves on the grid (every `checkpoint_every_steps`, each epoch's end, the
-  last step), keeps the best variables, saves and returns on SIGTERM;
+  last step), keeps the best variables, saves and returns on SIGTERM or Ctrl-C;
 * stops on divergence without saving the bad state (`Divergence`).
 
 Bit-exact resume rests on the tasks: the dropout key of step s is
@@ -38,6 +38,7 @@ import dataclasses
 import json
 import math
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -158,25 +159,42 @@ def variables_of(state: TrainState) -> dict[str, Any]:
 
 
 class Preemption:
-    """Turns SIGTERM into a flag that the loop checks after each step."""
+    """Turns SIGTERM, and a first Ctrl-C (SIGINT), into a flag the loop checks after each step.
+
+    The loop then saves the step it is at and returns, so stopping a run by hand loses
+    nothing, as a preemption does not. A second Ctrl-C interrupts at once, unsaved.
+    """
+
+    NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C"}
 
     def __init__(self):
-        self.requested = False
-        self._previous = None
+        self.requested: str | None = None  # what asked: "SIGTERM" or "Ctrl-C"
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self):
         try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            for signum in self.NAMES:
+                if signal.getsignal(signum) is not signal.SIG_IGN:  # ignored: by design (nohup)
+                    self._previous[signum] = signal.signal(signum, self._handle)
         except ValueError:  # not the main thread: no signal handling
-            self._previous = None
+            self._previous = {}
         return self
 
     def _handle(self, signum, frame):
-        self.requested = True
+        if signum == signal.SIGINT and self.requested:
+            raise KeyboardInterrupt  # the second Ctrl-C
+        self.requested = self.NAMES[signum]
+        if signum == signal.SIGINT:
+            print(
+                "\nCtrl-C: saving after this step, then stopping (Ctrl-C again to stop unsaved).",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            if previous is not None:  # None: a handler not set from Python, nothing to restore
+                signal.signal(signum, previous)
 
 
 # ---------------------------------------------------------------------------
@@ -630,7 +648,10 @@ def _steps(run: _Run, state: TrainState) -> Outcome:
                 logger.write(step, logger.fetch())
                 _save(run, state, seconds())
                 checkpoints.wait_until_finished(run.manager)
-                run.say(f"SIGTERM: saved step {step} in {run.workdir}; run again to resume.")
+                run.say(
+                    f"{preemption.requested}: saved step {step} in {run.workdir}; run the same "
+                    "command again to resume."
+                )
                 return Outcome(state, {"step": step, "preempted": True, **figures}, run.meta)
     checkpoints.wait_until_finished(run.manager)
     if parallel.is_main_process() and task.plot_curves:
