@@ -2,7 +2,11 @@
 
 import io
 import logging
+import os
 import re
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,6 +17,8 @@ from PIL import Image
 from configs.default import get_config
 from vgg_jax import input_common, train_input
 from vgg_jax.augment import Augment
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_train_is_deterministic_and_resumes_exactly_across_epochs(tfds_dir):
@@ -157,6 +163,46 @@ def test_cache_of_an_image_folder_counts_the_corrupt_files(photo_root, caplog):
         batch = next(train_input.train_dataset(c, process_index=0, process_count=1))
     assert batch["image"].shape == (8, 32, 32, 3) and np.isfinite(batch["image"]).all()
     assert "skipped 2 training image(s)" in caplog.text  # broken.jpg and garbage.png
+
+
+DAMAGED_RECORDS = """
+import sys
+sys.path.insert(0, {tests!r})
+from input_util import fashion_config
+from vgg_jax import eval_input, train_input
+
+config = fashion_config({data_dir!r}, cache=True)
+share = dict(process_index=0, process_count=1)
+for name, read in (
+    ("cached training", lambda: next(train_input.train_dataset(config, **share))),
+    ("evaluation", lambda: list(eval_input.eval_dataset(config, **share))),
+):
+    try:
+        read()
+    except ValueError as e:
+        print(name, "->", e)
+    else:
+        print(name, "-> read without an error")
+"""
+
+
+def test_damaged_record_files_are_one_clear_error_not_a_hang(tfds_dir, tmp_path):
+    # tf.data's ignore_errors() after the reader retried a truncated TFRecord file forever:
+    # the cached training set and the evaluation stream hung. Run apart, with a time limit.
+    data_dir = tmp_path / "tfds"
+    shutil.copytree(os.path.join(tfds_dir, "fashion_mnist"), data_dir / "fashion_mnist")
+    for path in (data_dir / "fashion_mnist").glob("*/fashion_mnist-*.tfrecord-*"):
+        os.truncate(path, path.stat().st_size // 2)
+    script = DAMAGED_RECORDS.format(tests=os.path.dirname(__file__), data_dir=str(data_dir))
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT, env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2, proc.stdout
+    for line, split in zip(lines, ("train", "test"), strict=True):
+        assert f"-> The '{split}' records of fashion_mnist in {data_dir}" in line, line
+        assert "are damaged (truncated record" in line and "prepare the dataset again" in line
 
 
 def test_mean_subtraction(photo_root):

@@ -45,7 +45,9 @@ from vgg_jax.input_common import (
     eval_preprocess,
     get_source,
     local_batch_size,
+    map_skipping_errors,
     normalize,
+    numpy_batches,
     process_share,
     record_names,
     rescaled_shape,
@@ -143,18 +145,19 @@ def eval_dataset(
         pad["images"] = tuple(pad_image(q) for q in scales)
     else:
         pad["image"] = pad_image(scale)
-    ds = records.enumerate().map(
-        traced_as_written(preprocess), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
-    )
+    indexed, preprocess = records.enumerate(), traced_as_written(preprocess)
     if policy == "skip":
-        ds = ds.ignore_errors()
+        ds = map_skipping_errors(indexed, preprocess)
+    else:
+        ds = indexed.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.map(traced_as_written(check_label))
     ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat())
     ds = ds.take(num_batches * local_batch).batch(local_batch).prefetch(tf.data.AUTOTUNE)
+    read = numpy_batches(ds, source, split)
     if policy == "fail":
-        batches = _eval_iterator(ds, records, channels, local_batch)
+        batches = _eval_iterator(read, records, channels, local_batch)
     else:
-        batches = _skipping_eval_iterator(ds, records, sizes[pi], num_batches, counter)
+        batches = _skipping_eval_iterator(read, records, sizes[pi], num_batches, counter)
     return _by_scale(batches, tuple(scales)) if scales else batches
 
 
@@ -178,10 +181,10 @@ def _by_scale(batches: Iterator[Batch], scales: tuple[int, ...]) -> Iterator[Bat
         yield batch
 
 
-def _eval_iterator(ds, records, channels, local_batch) -> Iterator[Batch]:
+def _eval_iterator(read, records, channels, local_batch) -> Iterator[Batch]:
     yielded = 0
     try:
-        for batch in ds.as_numpy_iterator():
+        for batch in read:
             batch.pop("position")
             yield batch
             yielded += 1
@@ -189,7 +192,7 @@ def _eval_iterator(ds, records, channels, local_batch) -> Iterator[Batch]:
         _raise_bad_file(records, yielded * local_batch, channels, e)
 
 
-def _skipping_eval_iterator(ds, records, shard, num_batches, counter) -> Iterator[Batch]:
+def _skipping_eval_iterator(read, records, shard, num_batches, counter) -> Iterator[Batch]:
     """Eval batches, the positions they jump over counted as bad with the last batch.
 
     Names are looked up once, after the whole pass (one more read of the records,
@@ -197,7 +200,7 @@ def _skipping_eval_iterator(ds, records, shard, num_batches, counter) -> Iterato
     """
     used = []
     try:
-        for i, batch in enumerate(ds.as_numpy_iterator()):
+        for i, batch in enumerate(read):
             used.extend(batch.pop("position")[batch["mask"]].tolist())
             if i == num_batches - 1:
                 bad = record_names(records, sorted(set(range(shard)) - set(used)))

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Iterator
 
 import numpy as np
 import tensorflow as tf
@@ -242,6 +243,45 @@ def rescale_and_crop(image: tf.Tensor, scale: int, crop: int | None, method: str
         oy, ox = (h - crop) // 2, (w - crop) // 2
         image = tf.ensure_shape(image[oy : oy + crop, ox : ox + crop], [crop, crop, channels])
     return image
+
+
+# Rows per chunk of `map_skipping_errors`: the span of rows one failure can be confined to.
+SKIP_CHUNK = 256
+
+
+def map_skipping_errors(records: tf.data.Dataset, fn) -> tf.data.Dataset:
+    """`records.map(fn)` in order and in parallel, without the rows whose `fn` fails.
+
+    A row fails when its image cannot be decoded; it is skipped. The skipping stays inside
+    each chunk of rows, because `ignore_errors()` after the reader would retry a failed
+    *read* (a truncated or corrupt TFRecord file) forever: the run hung. Such a failure is
+    raised instead (`tf.errors.DataLossError`; `numpy_batches` reports it).
+    """
+
+    def chunk(*rows):  # a tuple of columns arrives unpacked (records.enumerate())
+        columns = rows if len(rows) > 1 else rows[0]
+        return tf.data.Dataset.from_tensor_slices(columns).map(fn).ignore_errors()
+
+    return records.batch(SKIP_CHUNK).interleave(
+        traced_as_written(chunk),
+        cycle_length=tf.data.AUTOTUNE,
+        block_length=SKIP_CHUNK,  # each chunk's rows in a row: the records' order is kept
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
+
+
+def numpy_batches(ds: tf.data.Dataset, source: data_sources.Source, split: str) -> Iterator:
+    """`ds.as_numpy_iterator()`; a failed read of the split's record files as one clear error."""
+    try:
+        yield from ds.as_numpy_iterator()
+    except tf.errors.DataLossError as e:
+        where = getattr(getattr(source, "builder", None), "data_dir", None) or "its directory"
+        reason = str(e).split("}}")[-1].split("[Op:")[0].strip().rstrip("'")
+        raise ValueError(
+            f"The {split!r} records of {source.name} in {where} are damaged ({reason}): "
+            "prepare the dataset again (delete that directory and run again) or restore them."
+        ) from None
 
 
 def record_names(records: tf.data.Dataset, positions: list[int]) -> list[str]:

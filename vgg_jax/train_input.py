@@ -51,8 +51,10 @@ from vgg_jax.input_common import (
     eval_preprocess,
     get_source,
     local_batch_size,
+    map_skipping_errors,
     normalize,
     num_examples,
+    numpy_batches,
     process_share,
     record_names,
     rescaled_shape,
@@ -227,7 +229,7 @@ def _train_iterator(config, source, aug, start_step, steps, pi, pc, local_batch,
     shard = source.shard_sizes(config.train_split, pc)[pi]
     while True:
         ds = _train_epoch(config, source, aug, epoch, skip, steps, pi, pc, local_batch)
-        for b, batch in enumerate(ds.as_numpy_iterator(), start=skip):
+        for b, batch in enumerate(numpy_batches(ds, source, config.train_split), start=skip):
             bad = _bad_names(batch, b, local_batch, steps, shard)
             check_bad_images(config, bad, "Training")
             if len(batch["label"]) < local_batch:
@@ -287,12 +289,10 @@ def _in_memory(config, source, aug: Augment, pi: int, pc: int):
                 image = decode_image(ex["image"], aug.channels)
             return image, tf.cast(ex["label"], tf.int32), position
 
-        ds = records.enumerate().map(
-            traced_as_written(preprocess), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
-        )
+        ds = map_skipping_errors(records.enumerate(), traced_as_written(preprocess))
         images, labels, kept = [], [], []
         try:
-            for image, label, position in ds.ignore_errors().batch(1024).as_numpy_iterator():
+            for image, label, position in numpy_batches(ds.batch(1024), source, config.train_split):
                 images.append(image)
                 labels.append(label)
                 kept.append(position)
