@@ -414,7 +414,12 @@ def single_process_env(devices: int) -> dict[str, str]:
 
 
 def run_local(
-    workdir: Path, *args: str, module: str = "vgg_jax.train", devices: int = 1, **env: str
+    workdir: Path,
+    *args: str,
+    module: str = "vgg_jax.train",
+    devices: int = 1,
+    timeout: int = 600,
+    **env: str,
 ):
     env = {
         "PYTHON": sys.executable,
@@ -423,11 +428,22 @@ def run_local(
     }
     result = run_script(
         LAUNCH / "local.sh", "-q", "-n", "2", "-d", str(devices), "-p", str(free_port()),
-        "-m", module, "-l", str(workdir / "logs"), "--", *args, env=env, timeout=600,
+        "-m", module, "-l", str(workdir / "logs"), "--", *args, env=env, timeout=timeout,
     )  # fmt: skip
     logs = "".join(p.read_text()[-3000:] for p in sorted((workdir / "logs").glob("*.log")))
     assert result.returncode == 0, result.stderr + logs
     return logs
+
+
+def test_a_second_two_process_run_does_not_hang_on_the_compilation_cache(tmp_path):
+    # jaxlib 0.12.1: a step read back from the persistent compilation cache waited forever in
+    # its first gloo collective, so the second run of the same command hung (7 December).
+    overrides = json.dumps({"num_devices": 0, "max_steps": 2})
+    cache = str(tmp_path / "jax_cache")
+    for run in ("first", "second"):
+        logs = run_local(tmp_path / run, str(tmp_path / run), overrides, module="train_worker",
+                         timeout=240, VGG_JAX_COMPILATION_CACHE=cache)  # fmt: skip
+        assert logs.count("RESULT") == 2, logs
 
 
 def test_local_two_processes_train_like_one(tmp_path):

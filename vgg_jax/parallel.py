@@ -57,6 +57,10 @@ def initialize_distributed(config: Any) -> None:
     if _platform() == "cpu":
         # CPU processes exchange data through gloo (the default has no cross-process collectives).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        # A step read back from the persistent compilation cache waited forever in its first
+        # gloo collective on jaxlib 0.12.1 (every process; 7 December, benchmarks/RESULTS.md):
+        # a second run of `launch/local.sh` hung. Multi-process CPU runs compile anew.
+        jax.config.update("jax_enable_compilation_cache", False)
     if coordinator:
         jax.distributed.initialize(coordinator, num_processes=num, process_id=pid)
     else:
