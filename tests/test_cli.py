@@ -1,5 +1,6 @@
 """cli.run: every failure one line on stderr and a non-zero exit; --debug shows the traceback."""
 
+import argparse
 import errno
 import logging
 import sys
@@ -182,14 +183,21 @@ def test_failed_background_save_prints_nothing_but_the_one_line(monkeypatch, cap
         logging.getLogger().removeHandler(handler)
 
 
-def test_int_list_reads_comma_separated_integers_or_names_the_flag():
-    assert cli.int_list("256, 384,512,", "--scales") == (256, 384, 512)
+def test_list_flags_read_comma_separated_numbers_or_give_a_usage_error():
+    assert cli.integers(1)("256, 384,512,") == (256, 384, 512)
     for bad in ("256;384", "", " , ", "1.5", "0", "32,-4"):  # Q = 0 was a ZeroDivisionError
-        with pytest.raises(SystemExit, match="--scales must be comma-separated integers >= 1"):
-            cli.int_list(bad, "--scales")
-    assert cli.int_list("0,3", "--classes", minimum=0) == (0, 3)
-    with pytest.raises(SystemExit, match="--classes must be comma-separated integers >= 0"):
-        cli.int_list("1,-2", "--classes", minimum=0)
+        with pytest.raises(argparse.ArgumentTypeError, match="comma-separated integers >= 1"):
+            cli.integers(1)(bad)
+    assert cli.integers(0)("0,3") == (0, 3)
+    with pytest.raises(argparse.ArgumentTypeError, match="integers >= 0, got '1,-2'"):
+        cli.integers(0)("1,-2")
+    assert cli.positive_numbers()("0.5,10") == (0.5, 10.0)
+    for bad in ("0,1", "x", "-1"):
+        with pytest.raises(argparse.ArgumentTypeError, match="numbers > 0"):
+            cli.positive_numbers()(bad)
+    for bad in ("3,4", "x", "0"):
+        with pytest.raises(argparse.ArgumentTypeError, match="an integer >= 1"):
+            cli.integer(1)(bad)
 
 
 def test_usage_errors_are_one_line_naming_the_argument_and_help(capsys):
@@ -212,3 +220,22 @@ def test_usage_errors_are_one_line_naming_the_argument_and_help(capsys):
         lines = capsys.readouterr().err.splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"Bad command line: {words}"), lines
         assert lines[0].endswith("(python -m vgg_jax.probe --help lists the options).")
+
+
+def test_every_list_flag_of_the_commands_is_parsed_with_its_default(capsys):
+    from vgg_jax import evaluate, transfer
+
+    args = transfer.parse_args(["--weights", "w", "--dataset", "caltech101"])
+    assert args.classes == () and args.train_per_class == (30,) and args.scales is None
+    assert args.c_grid == tuple(float(c) for c in transfer.DEFAULT_C_GRID)
+    assert transfer.parse_args(["--classes", "0,9", "--c-grid", "1"]).classes == (0, 9)
+    assert evaluate.parse_args(["--workdir", "w", "--scales", "32,64"]).scales == (32, 64)
+    for parse, flag, value in (
+        (evaluate.parse_args, "--scales", "0"),
+        (transfer.parse_args, "--train-per-class", "ten"),
+        (transfer.parse_args, "--c-grid", "0,1"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            parse(["--workdir", "w", flag, value])
+        assert e.value.code == 2
+        assert f"Bad command line: argument {flag}: must be" in capsys.readouterr().err

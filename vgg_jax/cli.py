@@ -77,22 +77,35 @@ def integer(minimum: int) -> Callable[[str], int]:
         try:
             value = int(text)
         except ValueError:
-            value = minimum - 1
-        if value < minimum:
+            value = None
+        if value is None or value < minimum:
             raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
         return value
 
     return parse
 
 
-def int_list(text: str, flag: str, minimum: int = 1) -> tuple[int, ...]:
-    """A flag's comma-separated integers >= minimum ("256,384,512"); else an exit naming it."""
+def integers(minimum: int = 1) -> Callable[[str], tuple[int, ...]]:
+    """An argparse `type`: comma-separated integers >= minimum ("256,384,512")."""
+    wanted = f"comma-separated integers >= {minimum}"
+    return lambda text: _numbers(text, int, wanted, lambda v: v >= minimum)
+
+
+def positive_numbers() -> Callable[[str], tuple[float, ...]]:
+    """An argparse `type`: comma-separated numbers > 0 ("0.1,1,10")."""
+    return lambda text: _numbers(text, float, "comma-separated numbers > 0", lambda v: v > 0)
+
+
+def _numbers(
+    text: str, convert: Callable[[str], Any], wanted: str, valid: Callable[[Any], bool]
+) -> tuple[Any, ...]:
+    """The comma-separated values of `text`, at least one and all valid; else a usage error."""
     try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
+        values = tuple(convert(v) for v in text.split(",") if v.strip())
     except ValueError:
         values = ()
-    if not values or min(values) < minimum:
-        raise SystemExit(f"{flag} must be comma-separated integers >= {minimum}, got {text!r}.")
+    if not values or not all(valid(v) for v in values):
+        raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}")
     return values
 
 

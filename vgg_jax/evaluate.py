@@ -446,6 +446,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mode", default="dense", choices=protocols.MODES)
     p.add_argument(
         "--scales",
+        type=cli.integers(1),
         help="test scales Q, e.g. 256,384,512 (default: config.test_scales, else the paper's)",
     )
     p.add_argument(
@@ -478,7 +479,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     config = data_config(args, members)
     if args.flip is None:
         args.flip = default_flip(config)
-    scales = cli.int_list(args.scales, "--scales") if args.scales else default_scales(config)
+    scales = args.scales or default_scales(config)
     if args.batch_size is None:
         args.batch_size = default_batch_size(scales)
     split = args.split or config.eval_split

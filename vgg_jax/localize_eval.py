@@ -287,7 +287,11 @@ def image_main(argv: Sequence[str]) -> str:
     p.add_argument("--workdir", action="append", required=True,
                    help="localisation run (repeat for a union of nets)")  # fmt: skip
     p.add_argument("--classifier", help="net that rates the boxes (default: the run's)")
-    p.add_argument("--scales", help="test scales Q, comma-separated (default: the run's)")
+    p.add_argument(
+        "--scales",
+        type=cli.integers(1),
+        help="test scales Q, comma-separated (default: the run's)",
+    )
     p.add_argument(
         "--top", type=cli.integer(1), default=5, help="number of classes (boxes) to draw"
     )
@@ -302,7 +306,7 @@ def image_main(argv: Sequence[str]) -> str:
         channels = int(member.variables["params"]["features"]["conv1_1"]["kernel"].shape[2])
         image = image_io.load_image(args.image, channels)
         info = checkpoints.load_bundle(args.workdir[0]).metadata["localization"]
-        scales = cli.int_list(args.scales, "--scales") if args.scales else info["dense_scales"]
+        scales = args.scales or info["dense_scales"]
         scales = [q for q in scales if q >= member.model.image_size] or [member.model.image_size]
         (preds,) = dense_localize(
             localizers, member, [image], scales, top=max(1, args.top), merge_iou=info["merge_iou"]
@@ -364,4 +368,3 @@ def main(argv: Sequence[str] | None = None) -> None:
         app.run(_absl_main, argv=argv, flags_parser=configuration.parse_flags)
     else:
         image_main(argv[1:])
-

@@ -124,13 +124,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--which", default="best", choices=("best", "latest"), help="for a workdir: which state"
     )
     parser.add_argument("--dense", action="store_true", help="dense multi-scale evaluation")
-    parser.add_argument("--scales", help="comma-separated Q for --dense (default 256,384,512)")
+    parser.add_argument(
+        "--scales",
+        type=cli.integers(1),
+        help="comma-separated Q for --dense (default 256,384,512)",
+    )
     parser.add_argument("--top", type=cli.integer(1), default=5, help="how many classes to print")
     args = parser.parse_args(argv)
-    scales = cli.int_list(args.scales, "--scales") if args.scales else None
     try:
         bundle = pretrained.resolve(args.weights, args.which)
-        results = predict(bundle, args.images, args.dense, args.top, scales)
+        results = predict(bundle, args.images, args.dense, args.top, args.scales)
     except (ValueError, OSError, RuntimeError) as e:
         print(f"Error: {e}", file=sys.stderr)  # as every command words a failure
         return 1

@@ -447,7 +447,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--manual-dir", default="")
     p.add_argument("--train-split", default="train")
     p.add_argument("--test-split", default="test")
-    p.add_argument("--classes", default="", help="only these labels, e.g. 5,6,7,8,9")
+    p.add_argument(
+        "--classes",
+        type=cli.integers(0),
+        default=(),
+        help="only these labels, e.g. 5,6,7,8,9 (default: all)",
+    )
     p.add_argument(
         "--metric",
         default="recall",
@@ -455,7 +460,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="recall: mean class recall over random splits (Caltech); map: VOC mAP",
     )
     p.add_argument(
-        "--train-per-class", default="30", help="N training images per class, e.g. 10,30"
+        "--train-per-class",
+        type=cli.integers(1),
+        default="30",
+        help="N training images per class, e.g. 10,30",
     )
     p.add_argument("--splits", type=cli.integer(1), default=5, help="random splits (recall)")
     p.add_argument(
@@ -468,10 +476,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--test-per-class", type=cli.integer(0), default=0, help="test images per class (0: all)"
     )
     p.add_argument("--limit", type=cli.integer(0), default=0, help="first N images per split (map)")
-    p.add_argument("--scales", help="Q values, e.g. 256,384,512 (default: the paper's, scaled)")
+    p.add_argument(
+        "--scales",
+        type=cli.integers(1),
+        help="Q values, e.g. 256,384,512 (default: the paper's, scaled)")
     p.add_argument("--combine", default="mean", choices=("mean", "stack"))
     p.add_argument("--no-flip", action="store_true")
-    p.add_argument("--c-grid", default=",".join(str(c) for c in DEFAULT_C_GRID))
+    p.add_argument(
+        "--c-grid",
+        type=cli.positive_numbers(),
+        default=",".join(str(c) for c in DEFAULT_C_GRID),
+        help="SVM C values to choose from (the best on a held-out 20%% of the training images)",
+    )
     p.add_argument("--pixels", action="store_true", help="also an SVM on raw pixels")
     p.add_argument("--batch-size", type=cli.integer(1), default=256)
     p.add_argument("--seed", type=cli.integer(0), default=0)
@@ -479,16 +495,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--experiment", help="config FILE[:variant]: train a source net, then transfer")
     p.add_argument("--workdir", help="the experiment's training run directory")
     return p.parse_args(argv)
-
-
-def _floats(text: str, flag: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        values = ()
-    if not values or min(values) <= 0:
-        raise SystemExit(f"{flag} must be comma-separated positive numbers, got {text!r}.")
-    return values
 
 
 def load_experiment_config(path: str) -> Any:
@@ -515,15 +521,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     bundles = [load_network(path, args.which)[1] for path in args.weights]
     sizes = {b.image_size for b in bundles}
-    scales = cli.int_list(args.scales, "--scales") if args.scales else default_scales(max(sizes))
+    scales = args.scales or default_scales(max(sizes))
     settings = TransferSettings(
         scales=scales,
         flip=not args.no_flip,
         combine=args.combine,
         metric=args.metric,
-        train_per_class=cli.int_list(args.train_per_class, "--train-per-class"),
+        train_per_class=args.train_per_class,
         splits=args.splits,
-        c_grid=_floats(args.c_grid, "--c-grid"),
+        c_grid=args.c_grid,
         pixels=args.pixels,
         batch_size=args.batch_size,
         seed=args.seed,
@@ -539,7 +545,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             common = dict(
                 data_dir=args.data_dir,
                 manual_dir=args.manual_dir,
-                classes=cli.int_list(args.classes, "--classes", minimum=0),
+                classes=args.classes,
                 seed=args.seed,
             )
             train_set = load_split(
