@@ -149,10 +149,54 @@ def test_ctrl_c_saves_the_step_and_a_rerun_resumes_exactly(
     assert "Resuming from step 5" in capsys.readouterr().err
     jax.tree.map(np.testing.assert_array_equal, task.params(workdir),
                  task.params(tmp_path / "straight"))  # fmt: skip
-    with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C stops at once, unsaved
-        task.train(tmp_path / "twice", interrupt=lambda b: _interrupted(b, 5, lambda: (
-            ctrl_c(), ctrl_c())))  # fmt: skip
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+
+
+HANGING_TRAINER = """
+import signal, sys, threading
+sys.path[:0] = [{root!r}, {tests!r}]
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+import dataclasses, fake_data
+from vgg_jax import train
+
+def hanging(config, start_step=0, **kwargs):
+    batches = fake_data.train_dataset(config, start_step=start_step, **kwargs)
+    for step, batch in enumerate(batches, start_step):
+        if step == 3:
+            print("HUNG", flush=True)
+            threading.Event().wait()  # a step that never ends (a peer that died)
+        yield batch
+
+data = dataclasses.replace(fake_data.data(), train_dataset=hanging)
+train.train_and_evaluate(fake_data.tiny_config(max_steps=8), sys.argv[1], data=data)
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_a_second_stop_signal_ends_a_hung_step_at_once(tmp_path, signum):
+    """The first signal waits for a step that never ends; the second ends the process."""
+    script = tmp_path / "hang.py"
+    script.write_text(HANGING_TRAINER.format(root=ROOT, tests=os.path.join(ROOT, "tests")))
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "run")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "HUNG"
+        proc.send_signal(signum)
+        with pytest.raises(subprocess.TimeoutExpired):  # the first only asks for a save
+            proc.wait(timeout=3)
+        proc.send_signal(signum)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    err = proc.stderr.read()
+    name = loop.Preemption.NAMES[signum]
+    assert proc.returncode == 128 + signum, err
+    assert f"{name}: saving after this step" in err
+    assert f"{name} again: stopped without saving" in err
 
 
 def test_divergence_keeps_a_checkpoint_before_it_and_a_lower_lr_resumes(tmp_path, capsys):

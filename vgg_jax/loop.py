@@ -37,8 +37,11 @@ import collections
 import dataclasses
 import json
 import math
+import os
 import signal
+import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -162,7 +165,11 @@ class Preemption:
     """Turns SIGTERM, and a first Ctrl-C (SIGINT), into a flag the loop checks after each step.
 
     The loop then saves the step it is at and returns, so stopping a run by hand loses
-    nothing, as a preemption does not. A second Ctrl-C interrupts at once, unsaved.
+    nothing, as a preemption does not. A second signal of either kind stops the process
+    at once, unsaved (exit status 128 + its number), also when the step never ends (a
+    collective waiting for a dead peer): a watcher thread reads the signals from Python's
+    wakeup file descriptor, which the C-level handler writes even while the main thread
+    is blocked in native code and no Python handler can run.
     """
 
     NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C"}
@@ -170,6 +177,7 @@ class Preemption:
     def __init__(self):
         self.requested: str | None = None  # what asked: "SIGTERM" or "Ctrl-C"
         self._previous: dict[int, Any] = {}
+        self._watcher: _SignalWatcher | None = None
 
     def __enter__(self):
         try:
@@ -178,23 +186,84 @@ class Preemption:
                     self._previous[signum] = signal.signal(signum, self._handle)
         except ValueError:  # not the main thread: no signal handling
             self._previous = {}
+        if self._previous:
+            self._watcher = _SignalWatcher.start(self.NAMES)
         return self
 
     def _handle(self, signum, frame):
-        if signum == signal.SIGINT and self.requested:
+        first = self.requested is None
+        self.requested = self.requested or self.NAMES[signum]
+        if self._watcher is not None:
+            return  # the watcher announced it, and ends the process on a second signal
+        if not first and signum == signal.SIGINT:
             raise KeyboardInterrupt  # the second Ctrl-C
-        self.requested = self.NAMES[signum]
-        if signum == signal.SIGINT:
-            print(
-                "\nCtrl-C: saving after this step, then stopping (Ctrl-C again to stop unsaved).",
-                file=sys.stderr,
-                flush=True,
-            )
+        if first:
+            _announce(self.NAMES[signum])
 
     def __exit__(self, *exc):
+        if self._watcher is not None:
+            self._watcher.stop()
         for signum, previous in self._previous.items():
             if previous is not None:  # None: a handler not set from Python, nothing to restore
                 signal.signal(signum, previous)
+
+
+def _announce(name: str) -> None:
+    print(
+        f"\n{name}: saving after this step, then stopping ({name} again to stop unsaved).",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+class _SignalWatcher:
+    """A daemon thread that reads the signal numbers Python's C handler writes to a
+    socket (signal.set_wakeup_fd): it announces the first stop signal and ends the
+    process at the second, whatever the main thread is doing."""
+
+    def __init__(self, names: Mapping[int, str], receive: Any, send: Any, previous_fd: int):
+        self._names, self._receive, self._send = names, receive, send
+        self._previous_fd = previous_fd
+        self._thread = threading.Thread(target=self._watch, name="stop-signals", daemon=True)
+
+    @classmethod
+    def start(cls, names: Mapping[int, str]) -> _SignalWatcher | None:
+        receive, send = socket.socketpair()
+        send.setblocking(False)
+        previous_fd = signal.set_wakeup_fd(send.fileno(), warn_on_full_buffer=False)
+        if previous_fd != -1:  # someone else reads the wakeup fd (an event loop): leave it
+            signal.set_wakeup_fd(previous_fd)
+            receive.close()
+            send.close()
+            return None
+        watcher = cls(names, receive, send, previous_fd)
+        watcher._thread.start()
+        return watcher
+
+    def _watch(self) -> None:
+        seen = 0
+        while data := self._receive.recv(64):
+            for signum in data:
+                if signum not in self._names:
+                    continue
+                seen += 1
+                name = self._names[signum]
+                if seen == 1:
+                    _announce(name)
+                    continue
+                print(
+                    f"{name} again: stopped without saving; a rerun resumes from the last "
+                    "checkpoint.",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                os._exit(128 + signum)
+
+    def stop(self) -> None:
+        signal.set_wakeup_fd(self._previous_fd)
+        self._send.close()  # the watcher's recv returns b"": it ends
+        self._thread.join()
+        self._receive.close()
 
 
 # ---------------------------------------------------------------------------
