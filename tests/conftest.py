@@ -21,6 +21,17 @@ if importlib.util.find_spec("triton") is not None:
     import triton  # noqa: F401
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_compilation_cache(tmp_path_factory):
+    """The commands the tests start compile into a cache of this session's, not the user's
+    ~/.cache/vgg_jax/jax: what earlier runs left there changed what the tests saw (on
+    jaxlib 0.12.1 a multi-process step read back from it hung)."""
+    old = os.environ.get("VGG_JAX_COMPILATION_CACHE")
+    os.environ["VGG_JAX_COMPILATION_CACHE"] = str(tmp_path_factory.mktemp("session_jax_cache"))
+    yield
+    _restore_env("VGG_JAX_COMPILATION_CACHE", old)
+
+
 @pytest.fixture(scope="module")
 def module_compilation_cache(tmp_path_factory):
     """A JAX compilation cache of the test module's own, also for its worker subprocesses
@@ -28,12 +39,19 @@ def module_compilation_cache(tmp_path_factory):
     import jax
 
     cache = str(tmp_path_factory.mktemp("jax_cache"))
-    old = jax.config.jax_compilation_cache_dir
+    old, old_env = jax.config.jax_compilation_cache_dir, os.environ.get("VGG_JAX_COMPILATION_CACHE")
     os.environ["VGG_JAX_COMPILATION_CACHE"] = cache
     jax.config.update("jax_compilation_cache_dir", cache)
     yield cache
     jax.config.update("jax_compilation_cache_dir", old)
-    os.environ.pop("VGG_JAX_COMPILATION_CACHE", None)
+    _restore_env("VGG_JAX_COMPILATION_CACHE", old_env)
+
+
+def _restore_env(name, value):
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
 
 
 # Shared by the input-pipeline tests (test_input_pipeline, test_train_input, test_eval_input):

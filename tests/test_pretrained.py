@@ -12,6 +12,9 @@ import hashlib
 import http.server
 import json
 import os
+import socket
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -135,6 +138,24 @@ def test_a_bundle_published_meanwhile_by_another_process_is_kept(served, cache, 
     monkeypatch.setattr(checkpoints, "save_bundle", save)
     assert pretrained.load("tiny").metadata["publisher"] == "the other process"
     assert os.listdir(os.path.dirname(cached)) == [os.path.basename(cached)]  # no copy left
+    server.stop()
+
+
+def test_copies_left_by_dead_conversions_are_removed_and_live_ones_kept(served, cache):
+    directory, _, digest = served
+    server = Server(directory)
+    pretrained.register("tiny", f"{server.base}/models/{FILE}", f"sha256:{digest}", "torchvision")
+    cached = pretrained.bundle_dir("tiny")
+    host = socket.gethostname()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    kept = [f"{cached}.part-{host}-{os.getppid()}",  # a conversion still running here
+            f"{cached}.part-elsewhere-{dead}"]  # another host's: cannot be checked  # fmt: skip
+    for path in [f"{cached}.part-{host}-{dead}", *kept]:
+        os.makedirs(os.path.join(path, "variables"))
+    pretrained.load("tiny", progress=False)
+    left = sorted(os.listdir(os.path.dirname(cached)))
+    assert left == sorted(os.path.basename(p) for p in [cached, *kept]), left
     server.stop()
 
 

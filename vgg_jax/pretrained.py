@@ -28,9 +28,10 @@ import dataclasses
 import os
 import re
 import shutil
+import socket
 import sys
 
-from vgg_jax import checkpoints, class_names, convert, download, fileio
+from vgg_jax import checkpoints, class_names, convert, download, fileio, workdir_lock
 from vgg_jax.checkpoints import ModelBundle, Preprocessing
 
 TORCHVISION_BASE = "https://download.pytorch.org/models/"
@@ -178,8 +179,8 @@ def _publish(bundle: ModelBundle, cached: str) -> None:
     a job) each convert it; the first rename wins and the others drop their copy, so no
     process ever writes into, or deletes, a bundle another one may be reading.
     """
-    staging = f"{cached}.part-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)  # a killed earlier process of this pid
+    staging = f"{cached}.part-{socket.gethostname()}-{os.getpid()}"
+    _remove_abandoned_copies(cached)
     checkpoints.save_bundle(staging, bundle)
     for attempt in range(2):
         try:
@@ -193,6 +194,18 @@ def _publish(bundle: ModelBundle, cached: str) -> None:
                 raise
             # Half a bundle that an interrupted earlier version wrote in place.
             shutil.rmtree(cached, ignore_errors=True)
+
+
+def _remove_abandoned_copies(cached: str) -> None:
+    """Deletes the half-written `cached.part-HOST-PID` of processes of this host that died
+    mid-conversion (a VGG16 copy is 0.5 GB); another host's copies may still be in use."""
+    prefix = f"{cached}.part-{socket.gethostname()}-"
+    folder = os.path.dirname(cached) or "."
+    for entry in os.listdir(folder) if os.path.isdir(folder) else ():
+        path = os.path.join(folder, entry)
+        pid = path[len(prefix) :] if path.startswith(prefix) else ""
+        if pid.isdigit() and (int(pid) == os.getpid() or not workdir_lock.process_alive(int(pid))):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _entry(name: str) -> Weights:

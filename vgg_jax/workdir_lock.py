@@ -57,7 +57,8 @@ def _process_start(pid: int) -> str | None:
         return None
 
 
-def _alive(pid: int, start: str | None) -> bool:
+def process_alive(pid: int, start: str | None = None) -> bool:
+    """True while process `pid` of this host runs (and, given its start time, is that one)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -102,7 +103,7 @@ def _is_stale(holder: dict[str, Any]) -> bool:
     """True if the holder ran on this host and is gone. Unknown holders are not stale."""
     if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
         return False
-    return not _alive(holder["pid"], holder.get("pid_start"))
+    return not process_alive(holder["pid"], holder.get("pid_start"))
 
 
 def _refusal(workdir: str, holder: dict[str, Any]) -> WorkdirInUse:
