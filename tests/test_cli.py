@@ -239,3 +239,15 @@ def test_every_list_flag_of_the_commands_is_parsed_with_its_default(capsys):
             parse(["--workdir", "w", flag, value])
         assert e.value.code == 2
         assert f"Bad command line: argument {flag}: must be" in capsys.readouterr().err
+
+
+def test_an_output_flag_that_names_a_directory_is_a_usage_error(tmp_path, capsys):
+    from vgg_jax import evaluate
+
+    assert cli.output_file("r.json")(str(tmp_path / "r.json")) == str(tmp_path / "r.json")
+    with pytest.raises(SystemExit) as e:
+        evaluate.parse_args(["--workdir", "w", "--output", str(tmp_path)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --output: '{tmp_path}' is a directory: name a file, e.g. " in err
+    assert str(tmp_path / "results.json") in err

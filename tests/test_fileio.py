@@ -48,6 +48,21 @@ def test_atomic_write_append_and_read(where, tmp_path, url_dir):
     assert tf.io.gfile.listdir(root) == ["notes.txt"]  # no temporary file left
 
 
+def test_an_atomic_write_makes_its_folders_and_its_errors_name_the_file(tmp_path):
+    path = tmp_path / "new" / "deeper" / "result.json"  # `--output results/x.json`
+    fileio.write_text_atomic(path, "{}")
+    assert path.read_text() == "{}"
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(OSError) as e:  # a folder to make where a file is
+        fileio.write_text_atomic(blocker / "result.json", "{}")
+    assert e.value.filename in (str(blocker), str(blocker / "result.json"))
+    with pytest.raises(IsADirectoryError) as e:
+        fileio.write_text_atomic(tmp_path / "new", "{}")
+    assert e.value.filename == str(tmp_path / "new")  # not the temporary name
+    assert sorted(os.listdir(tmp_path)) == ["a_file", "new"]  # no temporary file left
+
+
 def test_concurrent_atomic_writers_of_one_file_each_leave_a_whole_file(tmp_path):
     # Two processes storing one result at once (two `evaluate` commands): with one shared
     # temporary name, one renamed the other's half-written file and the other then failed.

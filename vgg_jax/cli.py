@@ -85,6 +85,20 @@ def integer(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def output_file(example: str) -> Callable[[str], str]:
+    """An argparse `type`: a file to write, not an existing directory ("example" names one)."""
+
+    def parse(text: str) -> str:
+        if os.path.isdir(text):
+            suggestion = os.path.join(text, example)
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is a directory: name a file, e.g. {suggestion}"
+            )
+        return text
+
+    return parse
+
+
 def integers(minimum: int = 1) -> Callable[[str], tuple[int, ...]]:
     """An argparse `type`: comma-separated integers >= minimum ("256,384,512")."""
     wanted = f"comma-separated integers >= {minimum}"

@@ -466,7 +466,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="images per network call (default: 8 at the paper's scales, more for small "
         "images, `default_batch_size`)",
     )
-    p.add_argument("--output", help="write the results as JSON here")
+    p.add_argument(
+        "--output", type=cli.output_file("results.json"), help="write the results as JSON here"
+    )
     p.add_argument(
         "--recompute", action="store_true", help="evaluate even if WORKDIR/eval has the result"
     )

@@ -85,12 +85,24 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
                 f.write(data)
             gfile.rename(tmp, path, overwrite=True)
         else:
+            make_parent_dirs(path)
             with open(tmp, "wb") as f:
                 f.write(data)
             os.replace(tmp, path)
+    except OSError as e:
+        if e.filename == tmp:  # the user named `path`, not our temporary name
+            raise type(e)(e.errno, e.strerror, path) from None
+        raise
     finally:
         if exists(tmp):  # a failed write (a full disk) leaves nothing behind
             _gfile().remove(tmp) if is_url(tmp) else os.remove(tmp)
+
+
+def make_parent_dirs(path: str | os.PathLike) -> None:
+    """Creates the local directories a file is to be written into (a URL needs none)."""
+    parent = os.path.dirname(os.fspath(path))
+    if parent and not is_url(parent):
+        os.makedirs(parent, exist_ok=True)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

@@ -273,6 +273,7 @@ def draw(
     ax.set_xlim(-0.5, w - 0.5)
     ax.set_ylim(h - 0.5, -0.5)
     ax.axis("off")
+    fileio.make_parent_dirs(output)
     fig.savefig(output, dpi=100)
     return output
 
@@ -295,7 +296,11 @@ def image_main(argv: Sequence[str]) -> str:
     p.add_argument(
         "--top", type=cli.integer(1), default=5, help="number of classes (boxes) to draw"
     )
-    p.add_argument("--output", help="PNG to write (default: IMAGE_boxes.png here)")
+    p.add_argument(
+        "--output",
+        type=cli.output_file("boxes.png"),
+        help="PNG to write (default: IMAGE_boxes.png here)",
+    )
     args = p.parse_args(argv)
     try:
         localizers = [Localizer.load(w) for w in args.workdir]

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from vgg_jax import class_names as names_lib
-from vgg_jax import cli, evaluate, image_io, protocols
+from vgg_jax import cli, evaluate, fileio, image_io, protocols
 
 
 def class_names(bundle, labels_file: str | None, num_classes: int) -> list[str]:
@@ -96,6 +96,7 @@ def draw(
     for ax in axes:
         ax.axis("off")
     fig.colorbar(heat, ax=axes[1:], shrink=0.8, label="per-position soft-max probability")
+    fileio.make_parent_dirs(output)
     fig.savefig(output, dpi=100)
 
 
@@ -113,7 +114,11 @@ def main(argv: Sequence[str] | None = None) -> str:
     )
     p.add_argument("--top", type=cli.integer(1), default=3, help="number of classes to draw")
     p.add_argument("--labels", help="text file with one class name per line")
-    p.add_argument("--output", help="PNG to write (default: IMAGE_score_map.png here)")
+    p.add_argument(
+        "--output",
+        type=cli.output_file("score_map.png"),
+        help="PNG to write (default: IMAGE_score_map.png here)",
+    )
     args = p.parse_args(argv)
     given = [a for a in (args.weights, args.workdir, args.checkpoint) if a]
     if len(given) != 1:

@@ -491,7 +491,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pixels", action="store_true", help="also an SVM on raw pixels")
     p.add_argument("--batch-size", type=cli.integer(1), default=256)
     p.add_argument("--seed", type=cli.integer(0), default=0)
-    p.add_argument("--output", help="write the results as JSON here")
+    p.add_argument(
+        "--output", type=cli.output_file("transfer.json"), help="write the results as JSON here"
+    )
     p.add_argument("--experiment", help="config FILE[:variant]: train a source net, then transfer")
     p.add_argument("--workdir", help="the experiment's training run directory")
     return p.parse_args(argv)
