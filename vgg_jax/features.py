@@ -215,3 +215,73 @@ def _descriptor_rows(
     if combine == "mean":
         return jnp.mean(jnp.stack(per_scale), 0)
     return jnp.concatenate(per_scale, -1)
+
+
+# ---------------------------------------------------------------------------
+# The command: python -m vgg_jax.features IMAGE... --weights W --output F.npz
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """Writes the activations (or the paper's descriptor) of image files to an .npz file."""
+    from vgg_jax import cli, image_io, pretrained, reference_preprocessing, transfer
+
+    p = cli.ArgumentParser(
+        prog="python -m vgg_jax.features",
+        description="Activations of named layers, or the paper's Appendix B descriptor, of "
+        "image files, saved as arrays in an .npz file (np.load reads it).",
+    )
+    p.add_argument("images", nargs="+", help="image files (any format PIL reads)")
+    p.add_argument("--weights", required=True, help="weights name, bundle or training workdir")
+    p.add_argument("--which", default="best", choices=("best", "latest"))
+    p.add_argument(
+        "--layers",
+        default="",
+        help="comma-separated layer names, e.g. relu3_3,pool5,fc7 (default: fc7, or pool5 for "
+        "a features-only bundle), on the single central crop predict uses",
+    )
+    p.add_argument(
+        "--descriptor",
+        action="store_true",
+        help="the paper's descriptor instead: fc7 averaged over positions, flips and the "
+        "scales Q = 256, 384, 512 (scaled to the network), unit L2 norm",
+    )
+    p.add_argument(
+        "--output", type=cli.output_file("features.npz"), default="features.npz",
+        help="the .npz file to write (default: features.npz here)",
+    )  # fmt: skip
+    args = p.parse_args(argv)
+    bundle = pretrained.resolve(args.weights, args.which)
+    channels = transfer.input_channels(bundle)  # 1 for a network adapted to greyscale
+    images = [image_io.open_image(path, channels) for path in args.images]
+    if args.descriptor:
+        pixels = [image_io.pixels(im) for im in images]
+        scales = transfer.default_scales(bundle.image_size)
+        arrays = {"descriptor": image_descriptor(bundle, None, pixels, scales)}
+    else:
+        top = (bundle.metadata or {}).get("features_only")
+        layers = [n for n in args.layers.split(",") if n.strip()] or ["pool5" if top else "fc7"]
+        crops = np.stack([reference_preprocessing.reference_crop(im, bundle) for im in images])
+        arrays = dict(features(bundle, None, crops, layers))
+    arrays = {name: np.asarray(value) for name, value in arrays.items()}
+    _write_npz(args.output, images=np.array(args.images), **arrays)
+    shapes = ", ".join(f"{name} {tuple(value.shape)}" for name, value in arrays.items())
+    count = f"{len(images)} image" + ("s" if len(images) > 1 else "")
+    print(f"wrote {args.output}: {shapes} for {count} (rows in the order given)")
+    return arrays
+
+
+def _write_npz(path: str, **arrays: np.ndarray) -> None:
+    """np.savez to a local path or a URL, atomically (readers never see half a file)."""
+    import io
+
+    from vgg_jax import fileio
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    fileio.write_bytes_atomic(path, buffer.getvalue())
+
+
+if __name__ == "__main__":
+    from vgg_jax import cli
+
+    cli.run(main)
