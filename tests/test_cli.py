@@ -251,3 +251,22 @@ def test_an_output_flag_that_names_a_directory_is_a_usage_error(tmp_path, capsys
     err = capsys.readouterr().err
     assert f"argument --output: '{tmp_path}' is a directory: name a file, e.g. " in err
     assert str(tmp_path / "results.json") in err
+
+
+def test_python_m_vgg_jax_lists_every_command_and_only_commands(capsys):
+    import os
+    import re
+
+    import vgg_jax
+    from vgg_jax import __main__ as commands
+
+    package = os.path.dirname(vgg_jax.__file__)
+    runnable = sorted(
+        name[:-3]
+        for name in os.listdir(package)
+        if name.endswith(".py") and name != "__main__.py"
+        and re.search('^if __name__ == "__main__":', open(os.path.join(package, name)).read(), re.M)
+    )  # fmt: skip
+    assert sorted(name for name, _ in commands.COMMANDS) == runnable
+    commands.main()
+    assert "  features       activations of named layers" in capsys.readouterr().out
