@@ -222,6 +222,8 @@ def test_evaluate_and_score_map_on_a_training_workdir(tmp_path, capsys):
     assert again["rows"] == summary["rows"]
     other = evaluate.main(["--workdir", run, "--limit", "4", "--scales", "32"])
     assert [r["count"] for r in other["rows"]] == [4]
+    paper = "one test scale Q = S = 32: the paper's single-scale test of a net trained at a fixed S"
+    assert paper in other["explanation"][-1] and paper not in printed.out
     assert len(os.listdir(os.path.join(run, "eval"))) == 2
     # The run trained without mirror images (random_flip=False): tested without them too,
     # unless asked; asking is another evaluation, stored under its own key.

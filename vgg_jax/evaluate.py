@@ -136,6 +136,7 @@ def explain_rows(
     trainer: Mapping[str, Any] | None = None,
 ) -> list[str]:
     """One line per row: what it averages, and how it relates to the trainer's figure."""
+    rows = list(rows)
     flips = " and its mirror image" if flip else ""
     eval_scale = int(config.get("eval_scale", image_size))
     lines = []
@@ -176,6 +177,12 @@ def explain_rows(
         else:
             what = f"{grid}x{grid} crops of {image_size} px{flips} at smallest side {q}, averaged"
         lines.append(f"{row.label}: {what}")
+    if lo and lo == hi and {tuple(row.scales) for row in rows} == {(lo,)}:
+        lines.append(
+            f"one test scale Q = S = {lo}: the paper's single-scale test of a net trained at a "
+            "fixed S (its Table 3); its multi-scale test (Table 4) is for nets trained with "
+            "scale jittering, S in a range (README, 'make demo')"
+        )
     return lines
 
 
