@@ -180,8 +180,8 @@ def explain_rows(
     if lo and lo == hi and {tuple(row.scales) for row in rows} == {(lo,)}:
         lines.append(
             f"one test scale Q = S = {lo}: the paper's single-scale test of a net trained at a "
-            "fixed S (its Table 3); its multi-scale test (Table 4) is for nets trained with "
-            "scale jittering, S in a range (README, 'make demo')"
+            "fixed S (its Table 3); its multi-scale test (Table 4) did not help this net, "
+            "whose items fill their frame (README, 'make demo')"
         )
     return lines
 
