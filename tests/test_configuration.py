@@ -248,6 +248,17 @@ def test_explain_shows_an_experiment_holding_a_training_config(capsys):
     assert "# other fields" in out and "transfer.target_classes" in out
 
 
+def test_the_command_checks_a_task_block_as_the_package_does():
+    # Run as `python -m`, the module is loaded twice (as __main__ and as the package's);
+    # the localisation block's schema is registered in the package's copy only.
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    for argv in ([os.path.join(CONFIGS, "localize_fashion_mnist.py:tiny")], ["--help"]):
+        done = subprocess.run([sys.executable, "-m", "vgg_jax.configuration", *argv], env=env,
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+    assert "checks it: exit 1 if invalid" in done.stdout
+
+
 # ---------------------------------------------------------------------------
 # Resume compatibility.
 

@@ -581,8 +581,12 @@ def check_file(config: ml_collections.ConfigDict) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """python -m vgg_jax.configuration FILE.py[:variant]: prints and checks a config."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    usage = "usage: python -m vgg_jax.configuration FILE.py[:variant]"
+    if argv in (["-h"], ["--help"]):
+        print(f"{usage}\nPrints the config (* marks non-defaults) and checks it: exit 1 if invalid.")
+        return 0
     if len(argv) != 1 or argv[0].startswith("-"):
-        print("usage: python -m vgg_jax.configuration FILE.py[:variant]", file=sys.stderr)
+        print(usage, file=sys.stderr)
         return 2
     try:
         config = load_config_file(argv[0])
@@ -596,6 +600,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from vgg_jax import cli
+    # The package's own copy of this module, not this __main__ one: task modules register
+    # their config blocks (`localization`, ...) there.
+    from vgg_jax import cli, configuration
 
-    cli.run(main)  # a config file's syntax error etc.: one line, not a traceback
+    cli.run(configuration.main)  # a config file's syntax error etc.: one line, not a traceback
