@@ -111,14 +111,17 @@ def local_batch_size(batch_size: int, process_count: int, what: str) -> int:
 
 
 def check_source(config, source: data_sources.Source, split: str) -> int:
-    """The number of examples of `split`, which must be non-empty and fit config.num_classes."""
+    """The number of examples of `split`, which must be non-empty and have config.num_classes.
+
+    More outputs than classes would train, and then fail the test evaluation at the end.
+    """
     n = source.num_examples(split)
     if n == 0:
         raise ValueError(
             f"Split {split!r} of {source.name!r} is empty; point config.data_dir / the split "
             "setting at data that has examples."
         )
-    if source.num_classes is not None and source.num_classes > config.num_classes:
+    if source.num_classes is not None and source.num_classes != config.num_classes:
         raise ValueError(
             f"{source.name!r} has {source.num_classes} classes but the model has "
             f"config.num_classes={config.num_classes}; set config.num_classes={source.num_classes}."
