@@ -583,7 +583,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     usage = "usage: python -m vgg_jax.configuration FILE.py[:variant]"
     if argv in (["-h"], ["--help"]):
-        print(f"{usage}\nPrints the config (* marks non-defaults) and checks it: exit 1 if invalid.")
+        print(usage)
+        print("Prints the config (* marks non-defaults) and checks it: exit 1 if invalid.")
         return 0
     if len(argv) != 1 or argv[0].startswith("-"):
         print(usage, file=sys.stderr)
