@@ -116,6 +116,17 @@ def test_predict_cli_errors(image_files, tmp_path, capsys):
     checkpoints.save_bundle(tmp_path / "features", bundle)
     assert predict.main([image_files["rgb"], "--weights", str(tmp_path / "features")]) == 1
     assert "trained features only" in capsys.readouterr().err
+    # A localisation net's outputs are boxes: printed as "class 2 0.27" before.
+    bundle.metadata = {"localization": {"head": "scr", "num_object_classes": 10}}
+    checkpoints.save_bundle(tmp_path / "boxes", bundle)
+    assert predict.main([image_files["rgb"], "--weights", str(tmp_path / "boxes")]) == 1
+    assert "is a localisation net (its outputs are boxes" in capsys.readouterr().err
+    from vgg_jax import evaluate, score_map
+
+    for command in (score_map.main, evaluate.main):
+        args = [image_files["rgb"]] if command is score_map.main else ["--limit", "1"]
+        with pytest.raises(ValueError, match="is a localisation net"):
+            command([*args, "--checkpoint", str(tmp_path / "boxes")])
 
 
 def test_dense_uses_the_evaluation_modules_dense_evaluator(image_files, tmp_path, monkeypatch):

@@ -265,6 +265,23 @@ def input_channels(variables: Mapping[str, Any]) -> int:
     return int(np.shape(variables["params"]["features"]["conv1_1"]["kernel"])[2])
 
 
+def check_classifier(bundle: ModelBundle, command: str) -> None:
+    """Raises a ValueError unless the bundle's outputs are trained class scores (what
+    `command` reads): not a features-only bundle, not a localisation net's boxes."""
+    meta = bundle.metadata or {}
+    name = meta.get("pretrained_name", bundle.name)
+    if meta.get("features_only"):
+        raise ValueError(
+            f"{name} holds trained features only (its classifier has no trained values): use "
+            f"it with vgg_jax.features, not {command}."
+        )
+    if meta.get("localization"):
+        raise ValueError(
+            f"{name} is a localisation net (its outputs are boxes, not class scores): use "
+            "`python -m vgg_jax.localize IMAGE --workdir RUN` for its boxes."
+        )
+
+
 def check_fits_data(
     name: str,
     model_classes: int,

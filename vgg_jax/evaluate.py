@@ -292,7 +292,12 @@ def load_members(args: argparse.Namespace) -> list[protocols.Member]:
     paths = ([args.workdir] if args.workdir else []) + list(args.checkpoint or [])
     if not paths:
         raise SystemExit("Name a network: --workdir RUN_DIR or --checkpoint BUNDLE_DIR.")
-    return [load_network(path, args.which)[0] for path in paths]
+    members = []
+    for path in paths:
+        member, bundle = load_network(path, args.which)
+        checkpoints.check_classifier(bundle, "evaluate")
+        members.append(member)
+    return members
 
 
 def data_config(args: argparse.Namespace, members: Sequence[protocols.Member]) -> Any:

@@ -27,8 +27,8 @@ import jax
 import numpy as np
 from PIL import Image
 
+from vgg_jax import checkpoints, cli, pretrained, reference_preprocessing
 from vgg_jax import class_names as names_lib
-from vgg_jax import cli, pretrained, reference_preprocessing
 from vgg_jax.checkpoints import ModelBundle
 from vgg_jax.image_io import open_image, pixels
 
@@ -92,11 +92,7 @@ def predict(
 
     Bundles adapted to greyscale (`convert --in-channels 1`) get the images in grey.
     """
-    if (bundle.metadata or {}).get("features_only"):
-        raise ValueError(
-            f"{bundle.metadata.get('pretrained_name', bundle.name)} holds trained features only "
-            "(its classifier has no trained values): use it with vgg_jax.features, not predict."
-        )
+    checkpoints.check_classifier(bundle, "predict")
     grey = np.shape(bundle.variables["params"]["features"]["conv1_1"]["kernel"])[2] == 1
     images = [open_image(p, 1 if grey else 3) for p in paths]
     if dense:

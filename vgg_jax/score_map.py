@@ -19,8 +19,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from vgg_jax import checkpoints, cli, evaluate, fileio, image_io, protocols
 from vgg_jax import class_names as names_lib
-from vgg_jax import cli, evaluate, fileio, image_io, protocols
 
 
 def class_names(bundle, labels_file: str | None, num_classes: int) -> list[str]:
@@ -124,6 +124,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     if len(given) != 1:
         raise SystemExit("Name one network: --weights NAME_OR_DIR (or --workdir / --checkpoint).")
     member, bundle = evaluate.load_network(given[0], args.which)
+    checkpoints.check_classifier(bundle, "score_map")
     channels = int(member.variables["params"]["features"]["conv1_1"]["kernel"].shape[2])
     image = image_io.load_image(args.image, channels)
     size = member.model.image_size
