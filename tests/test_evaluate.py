@@ -222,6 +222,9 @@ def test_evaluate_and_score_map_on_a_training_workdir(tmp_path, capsys):
     assert again["rows"] == summary["rows"]
     other = evaluate.main(["--workdir", run, "--limit", "4", "--scales", "32"])
     assert [r["count"] for r in other["rows"]] == [4]
+    # A run named by --checkpoint reads its own data settings too (it fell back to ImageNet).
+    named = evaluate.main(["--checkpoint", run, "--limit", "4", "--scales", "32"])
+    assert named["rows"] == other["rows"] and named["dataset"] == "fashion_mnist"
     paper = "one test scale Q = S = 32: the paper's single-scale test of a net trained at a fixed S"
     assert paper in other["explanation"][-1] and paper not in printed.out
     assert len(os.listdir(os.path.join(run, "eval"))) == 2

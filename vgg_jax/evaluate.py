@@ -254,11 +254,13 @@ def default_flip(config: Any) -> bool:
 
 
 def _base_config(args: argparse.Namespace) -> Any:
-    """The data config: workdir/config.json, --config FILE[:variant], or the defaults."""
+    """The data config: the --workdir's config.json, --config FILE[:variant], the first
+    --checkpoint that is a training run (its config.json), or the defaults (ImageNet)."""
     import ml_collections
 
-    if args.workdir and fileio.isfile(fileio.join(args.workdir, checkpoints.CONFIG_FILE)):
-        return ml_collections.ConfigDict(checkpoints.read_run_config(args.workdir))
+    runs = [p for p in [args.workdir, *(args.checkpoint or [])] if p and _is_run(p)]
+    if runs and (runs[0] == args.workdir or not args.config):
+        return ml_collections.ConfigDict(checkpoints.read_run_config(runs[0]))
     from vgg_jax import configuration
 
     path = args.config or os.path.join(os.path.dirname(__file__), "..", "configs", "default.py")
@@ -267,6 +269,10 @@ def _base_config(args: argparse.Namespace) -> Any:
         "; pass --config configs/<experiment>.py (the data settings of the run) or --workdir "
         "of a training run",
     )
+
+
+def _is_run(path: str) -> bool:
+    return fileio.isfile(fileio.join(path, checkpoints.CONFIG_FILE))
 
 
 def load_network(
