@@ -192,3 +192,20 @@ def test_the_command_writes_layers_or_descriptors_of_image_files(tmp_path, capsy
     np.testing.assert_allclose(np.linalg.norm(desc, axis=-1), 1.0, rtol=1e-5)
     with pytest.raises(ValueError, match="has no layers \\['fc9'\\]"):
         features_lib.main([paths[0], "--weights", str(tmp_path / "net"), "--layers", "fc9"])
+
+
+def test_a_greyscale_network_gets_the_luma_of_rgb_images():
+    # A Fashion-MNIST run takes 1-channel images; given RGB (as documented for bundles)
+    # it raised flax's ScopeParamShapeError before.
+    options = dict(num_classes=10, width_divisor=16, fc_width=32, image_size=32)
+    model = models.create_model("vgg11", **options)
+    variables = random_variables(model, seed=3, channels=1)
+    grey_stats = checkpoints.Preprocessing(value_range=1.0, mean=(0.286,), std=(0.353,))
+    bundle = checkpoints.ModelBundle("vgg11", options, variables, grey_stats)
+    rgb = photo(32, 32)[None]
+    grey = (rgb @ np.float32([0.299, 0.587, 0.114]))[..., None]
+    got = features(bundle, None, rgb, ("pool5", "fc7"))
+    want = features(bundle, None, grey, ("pool5", "fc7"))
+    for name in ("pool5", "fc7"):
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6)
+    assert float(perceptual_loss(bundle, None, rgb, rgb)) == 0.0

@@ -7,7 +7,8 @@ model with its variables:
 
 * with a bundle, images are RGB pixels in [0, 1] (NHWC) and the bundle's own
   preprocessing (channel order, value range, mean, std) is applied, so
-  converted torchvision and Keras weights see what they were trained on;
+  converted torchvision and Keras weights see what they were trained on
+  (a greyscale network, such as a Fashion-MNIST run, gets their luma);
 * with a model, images are network input, already preprocessed.
 
     bundle = pretrained.resolve("vgg16")   # or a bundle directory, or a training run
@@ -27,10 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from vgg_jax import models
-from vgg_jax.checkpoints import ModelBundle, Preprocessing
+from vgg_jax.checkpoints import ModelBundle, Preprocessing, input_channels
 
 Array = jax.Array
 DESCRIPTOR_SCALES = (256, 384, 512)  # the paper's Q for Appendix B
+LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, the weights of PIL's "L" (image_io.luma)
 
 
 def _as_network(network: ModelBundle | models.VGG | str) -> ModelBundle | models.VGG:
@@ -93,6 +95,8 @@ def features(
     if x.ndim == 3:
         raise ValueError(f"images must be a batch (N, H, W, C); got shape {x.shape}. Add x[None].")
     if preprocessing is not None:
+        if x.shape[-1] == 3 and input_channels(variables) == 1:
+            x = x @ jnp.asarray(LUMA)[:, None]  # RGB for a greyscale net: what predict feeds it
         x = preprocessing(x)
     return _extractor(model, names)(variables, x)
 
