@@ -270,3 +270,17 @@ def test_python_m_vgg_jax_lists_every_command_and_only_commands(capsys):
     assert sorted(name for name, _ in commands.COMMANDS) == runnable
     commands.main()
     assert "  features       activations of named layers" in capsys.readouterr().out
+
+
+def test_help_of_the_absl_commands_is_their_usage_and_exit_0(capsys):
+    from vgg_jax import configuration, localize_eval, train
+
+    for usage, prog in ((train.USAGE, "vgg_jax.train"), (localize_eval.USAGE, "vgg_jax.localize")):
+        with pytest.raises(SystemExit) as e:  # absl's own --help exits 1 with the docstring
+            configuration.flags_parser(usage)(["prog", "--config", "c.py", "--help"])
+        assert e.value.code == 0
+        assert capsys.readouterr().out.startswith(f"usage: python -m {prog} ")
+    with pytest.raises(SystemExit) as e:
+        localize_eval.main(["prog", "trian", "--config", "c.py"])
+    assert e.value.code == 2
+    assert "unknown command 'trian'; did you mean 'train'?" in capsys.readouterr().err

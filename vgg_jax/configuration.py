@@ -188,6 +188,22 @@ def parse_flags(argv: list[str]) -> list[str]:
         sys.exit(f"Bad command line: {_plain_message(e)}")
 
 
+HELP_FLAGS = ("-h", "--help", "-help", "--helpshort", "--helpfull")
+
+
+def flags_parser(usage: str) -> Callable[[list[str]], list[str]]:
+    """`parse_flags` that answers --help with `usage` and exit 0 (absl's own help exits 1
+    and prints the module's docstring, written for developers)."""
+
+    def parse(argv: list[str]) -> list[str]:
+        if any(arg in HELP_FLAGS for arg in argv[1:]):
+            print(usage.strip())
+            sys.exit(0)
+        return parse_flags(argv)
+
+    return parse
+
+
 def _plain_message(error: BaseException) -> str:
     """One line of an error's text; ml_collections wraps a KeyError in an AttributeError.
 

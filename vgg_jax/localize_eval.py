@@ -283,6 +283,7 @@ def image_main(argv: Sequence[str]) -> str:
     p = cli.ArgumentParser(
         prog="python -m vgg_jax.localize",
         description="Localise objects in an image (dense, merged boxes) and draw them (PNG).",
+        epilog=COMMANDS,
     )
     p.add_argument("image", help="JPEG/PNG file")
     p.add_argument("--workdir", action="append", required=True,
@@ -356,8 +357,49 @@ def _absl_main(argv: list[str]) -> None:
         sys.exit(f"Error: {e}")
 
 
+COMMANDS = """The other commands (each with --help):
+  python -m vgg_jax.localize train --config CONFIG --workdir RUN
+  python -m vgg_jax.localize evaluate --config CONFIG --workdir RUN [--workdir RUN2]
+"""
+
+USAGE = """
+usage: python -m vgg_jax.localize train --config FILE.py[:variant] --workdir RUN
+       python -m vgg_jax.localize evaluate --config FILE.py[:variant] --workdir RUN [...]
+
+train     trains a localisation net (configs/localize_fashion_mnist.py: the default SCR head,
+          :pcr, :classifier for the net that rates the boxes) into RUN; rerunning resumes
+evaluate  the paper's localisation protocols on the config's evaluation split
+
+--config        the localisation config; --config.FIELD=VALUE overrides one field
+--workdir       the run (evaluate: repeat it for the union of several nets' boxes)
+--classifier    evaluate: the classification run that rates the boxes (default: the run's)
+--num_images    evaluate: images for the dense protocol (0: the config's num_dense_eval)
+--scales        evaluate: test scales Q, comma-separated (default: the run's)
+--output        evaluate: also write the report as JSON here
+"""
+
+
+def _refuse_a_misspelt_command(argv: Sequence[str]) -> None:
+    """'localize trian --config ...' ends naming the command, not argparse's complaint
+    about the flags of the image mode it fell into."""
+    import difflib
+
+    word = argv[1] if len(argv) > 1 else ""
+    if word in ("train", "evaluate") or word.startswith("-") or os.path.exists(word):
+        return
+    near = difflib.get_close_matches(word, ("train", "evaluate"), n=1, cutoff=0.6)
+    if near:
+        print(
+            f"Bad command line: unknown command {word!r}; did you mean {near[0]!r}? "
+            "(python -m vgg_jax.localize --help lists the commands).",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv if argv is None else argv)
+    _refuse_a_misspelt_command(argv)
     if len(argv) > 1 and argv[1] in ("train", "evaluate"):
         from absl import app, flags
         from ml_collections import config_flags
@@ -370,6 +412,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         flags.DEFINE_string("scales", "", "evaluate: test scales Q, comma-separated.")
         flags.DEFINE_string("output", "", "evaluate: write the report as JSON here.")
         flags.mark_flags_as_required(["config", "workdir"])
-        app.run(_absl_main, argv=argv, flags_parser=configuration.parse_flags)
+        app.run(_absl_main, argv=argv, flags_parser=configuration.flags_parser(USAGE))
     else:
         image_main(argv[1:])

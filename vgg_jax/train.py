@@ -10,8 +10,8 @@ the central crop (`config.train_eval="central"`) or the paper's dense protocol
 pipeline unless a `Data` is passed (the tests' fake data).
 
     python -m vgg_jax.train --config configs/vgg16.py --workdir runs/vgg16
-    python -m vgg_jax.train --config configs/fashion_mnist.py:quick --workdir runs/fm \
-        --config.num_epochs=3
+    python -m vgg_jax.train --config configs/fashion_mnist.py:quick --workdir runs/fm
+    python -m vgg_jax.train --config configs/fashion_mnist.py --workdir runs/s --config.num_epochs=3
 
 Reproducibility: the dropout key of step s is `fold_in(key(seed), s)` and the
 input pipeline yields the batches of step s from (seed, s) alone, so a resumed
@@ -565,10 +565,26 @@ def _define_flags() -> None:
     flags.mark_flags_as_required(["config", "workdir"])
 
 
+USAGE = """
+usage: python -m vgg_jax.train --config FILE.py[:variant] --workdir DIR [--config.FIELD=VALUE ...]
+
+Trains a VGG network as the config says, into DIR (config.json, checkpoints/, best/,
+metrics.jsonl, curves.png). Running the same command again resumes the run; SIGTERM or
+Ctrl-C saves the step first; a finished run says so and changes nothing.
+
+  python -m vgg_jax.train --config configs/fashion_mnist.py:quick --workdir runs/fm
+  python -m vgg_jax.train --config configs/vgg16.py --workdir runs/vgg16_256 \\
+      --config.batch_size=128 --config.grad_accum_steps=2
+
+--config         the experiment: a config file of configs/, with :variant where it has some
+--workdir        the run directory (local, or gs://... on TPU pods)
+--config.FIELD   override one field; `python -m vgg_jax.configuration FILE` lists them
+"""
+
 if __name__ == "__main__":
     from absl import app
 
     from vgg_jax import cli
 
     _define_flags()
-    cli.run(app.run, main, flags_parser=configuration.parse_flags)
+    cli.run(app.run, main, flags_parser=configuration.flags_parser(USAGE))
