@@ -218,16 +218,25 @@ def test_init_from_workdir_same_mode(tmp_path, dp8_run):
 # Checkpoints, resume and faults.
 
 
-def test_finished_run_is_not_overwritten_and_tmp_checkpoint_is_ignored(tmp_path, dp8_run):
+def test_finished_run_is_not_overwritten_and_tmp_checkpoint_is_ignored(tmp_path, dp8_run, capsys):
     run = _copy(dp8_run, tmp_path)
     # A half-written checkpoint of a later step, as a crash during saving leaves it.
     tmp = run / "checkpoints" / "12.orbax-checkpoint-tmp-123"
     tmp.mkdir()
     (tmp / "junk").write_text("half written")
     records = metrics.read_metrics(str(run))
+    capsys.readouterr()
     again = _train(run)
     assert again["complete"] and again["step"] == 4
+    said = capsys.readouterr().err
+    assert "is complete (step 4 of 4" in said and "raise num_epochs/max_steps to continue" in said
     assert metrics.read_metrics(str(run)) == records
+    cosine = tmp_path / "cosine"  # its decay spans the run: a longer one is a new run
+    _train(cosine, schedule="cosine", max_steps=2, num_devices=1)
+    capsys.readouterr()
+    assert _train(cosine, schedule="cosine", max_steps=2, num_devices=1)["complete"]
+    said = capsys.readouterr().err
+    assert "decays over the run's length" in said and "raise num_epochs" not in said
     resumed = _train(run, max_steps=6)  # more steps: resumes from 4, not from 12
     assert resumed["step"] == 6
     steps = [r["step"] for r in metrics.read_metrics(str(run)) if "train_loss" in r]

@@ -627,10 +627,14 @@ def _run(run: _Run) -> Outcome:
         if latest >= task.total_steps:
             best = run.meta.get("best_value")
             best_text = f", best {task.best_metric} {best:.4f}" if best is not None else ""
+            schedule = config.get("schedule")
+            if schedule in configuration.LENGTH_SCHEDULES:
+                more = f" (schedule={schedule!r} decays over the run's length: a longer run is new)"
+            else:
+                more = ", or raise num_epochs/max_steps to continue"
             run.say(
                 f"The run in {workdir} is complete (step {latest} of {task.total_steps}"
-                f"{best_text}); nothing to do. Use a new --workdir to train again, or raise "
-                "num_epochs/max_steps to continue."
+                f"{best_text}); nothing to do. Use a new --workdir to train again{more}."
             )
             return Outcome(
                 state, {"step": latest, "complete": True, **_summary_meta(run.meta)}, run.meta
