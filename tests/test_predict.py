@@ -12,6 +12,7 @@ from PIL import Image
 
 from vgg_jax import (
     checkpoints,
+    cli,
     convert,
     image_io,
     imagenet_classes,
@@ -106,21 +107,25 @@ def test_predict_cli_matches_torch_on_the_same_crop(image_files, tmp_path, capsy
 
 
 def test_predict_cli_errors(image_files, tmp_path, capsys):
-    assert predict.main([image_files["rgb"], "--weights", str(tmp_path)]) == 1
-    assert "neither a model bundle" in capsys.readouterr().err
-    assert predict.main([image_files["rgb"], "--weights", "vgg17"]) == 1
-    assert "not a weights name (keras_vgg16, " in capsys.readouterr().err
+    def fails(*argv):  # as the command: the one line its exit prints (status 1)
+        with pytest.raises(SystemExit) as e:
+            cli.run(predict.main, [image_files["rgb"], "--weights", *argv])
+        assert isinstance(e.value.code, str) and "\n" not in e.value.code
+        return e.value.code
+
+    assert "neither a model bundle" in fails(str(tmp_path))
+    assert "not a weights name (keras_vgg16, " in fails("vgg17")
     _, bundle_dir = tiny_torchvision_bundle(tmp_path)
     bundle = checkpoints.load_bundle(bundle_dir)
     bundle.metadata["features_only"] = True  # like vgg16_features or a Keras notop file
     checkpoints.save_bundle(tmp_path / "features", bundle)
-    assert predict.main([image_files["rgb"], "--weights", str(tmp_path / "features")]) == 1
-    assert "trained features only" in capsys.readouterr().err
+    assert "Error: vgg11 holds trained features only" in fails(str(tmp_path / "features"))
     # A localisation net's outputs are boxes: printed as "class 2 0.27" before.
     bundle.metadata = {"localization": {"head": "scr", "num_object_classes": 10}}
     checkpoints.save_bundle(tmp_path / "boxes", bundle)
-    assert predict.main([image_files["rgb"], "--weights", str(tmp_path / "boxes")]) == 1
-    assert "is a localisation net (its outputs are boxes" in capsys.readouterr().err
+    assert "is a localisation net (its outputs are boxes" in fails(str(tmp_path / "boxes"))
+    with pytest.raises(ValueError, match="is a localisation net"):  # --debug: the traceback
+        predict.main([image_files["rgb"], "--weights", str(tmp_path / "boxes")])
     from vgg_jax import evaluate, score_map
 
     for command in (score_map.main, evaluate.main):

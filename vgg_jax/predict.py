@@ -20,7 +20,6 @@ by image_size / 224) and its mirror image, soft-max averaged.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 
 import jax
@@ -127,12 +126,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--top", type=cli.integer(1), default=5, help="how many classes to print")
     args = parser.parse_args(argv)
-    try:
-        bundle = pretrained.resolve(args.weights, args.which)
-        results = predict(bundle, args.images, args.dense, args.top, args.scales)
-    except (ValueError, OSError, RuntimeError) as e:
-        print(f"Error: {e}", file=sys.stderr)  # as every command words a failure
-        return 1
+    # Errors reach cli.run: one line, or the traceback with --debug.
+    bundle = pretrained.resolve(args.weights, args.which)
+    results = predict(bundle, args.images, args.dense, args.top, args.scales)
     view = reference_preprocessing.describe_view(bundle)
     how = "dense, multi-scale + flip" if args.dense else view
     for path, top in zip(args.images, results, strict=True):
