@@ -11,6 +11,7 @@ import os
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 from weights_util import logits, photos, rel_err, tiny_bundle, top5
 
 from vgg_jax import checkpoints, convert, models
@@ -150,19 +151,29 @@ def test_dense_fc1_equals_window_conv_at_224():
 # Round trips through files
 
 
+def assert_same_variables(got: dict, want: dict) -> None:
+    got, want = checkpoints._flatten(got), checkpoints._flatten(want)
+    assert set(got) == set(want)
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
-@pytest.mark.parametrize("name,image_size", [("vgg13", 32), ("vgg19_bn", 64), ("vgg16", 224)])
-def test_export_import_round_trip_is_exact(tmp_path, name, image_size, suffix):
+@pytest.mark.parametrize(
+    "name,image_size,channels",
+    [("vgg13", 32, 3), ("vgg19_bn", 64, 3), ("vgg16", 224, 3), ("vgg11_bn", 32, 1)],
+)
+def test_export_import_round_trip_is_exact(tmp_path, name, image_size, channels, suffix):
     bundle = tiny_bundle(name, image_size)
+    if channels == 1:  # a greyscale network: the file's conv1_1 gives its input channels
+        bundle = convert.adapt_bundle(bundle, in_channels=1)
     path = str(tmp_path / f"w{suffix}")
     convert.write_torchvision_file(convert.to_torchvision(bundle), path)
     back = convert.convert_file(path)  # the window gives image_size
     assert back.name == name and back.options == bundle.options
-    want = checkpoints._flatten(bundle.variables)
-    got = checkpoints._flatten(back.variables)
-    assert set(got) == set(want)
-    for key in want:
-        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    assert_same_variables(back.variables, bundle.variables)
+    if channels == 1:
+        assert back.preprocessing == convert.GREYSCALE_PREPROCESSING == bundle.preprocessing
 
 
 def test_legacy_torch_format_as_torchvision_downloads_it(tmp_path):
@@ -214,6 +225,79 @@ def test_cli_refuses_to_write_a_bundle_into_a_directory_of_other_files(tmp_path,
     assert sorted(os.listdir(run)) == ["config.json"]
     (tmp_path / "empty").mkdir()
     assert convert.main([src, "--to", str(tmp_path / "empty")]) == 0
+
+
+# ---------------------------------------------------------------------------
+# Training runs
+
+
+@pytest.fixture(scope="module")
+def grey_run(tmp_path_factory) -> str:
+    """A tiny 1-channel run recording Fashion-MNIST (its class names), trained 2 steps."""
+    import fake_data
+
+    from vgg_jax import train
+
+    workdir = str(tmp_path_factory.mktemp("grey_run"))
+    config = fake_data.tiny_config(
+        dataset="fashion_mnist", max_steps=2, value_range=1.0, mean_rgb=(0.286,), std_rgb=(0.353,)
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fake_data, "CHANNELS", 1)
+        train.train_and_evaluate(config, workdir, data=fake_data.data())
+    return workdir
+
+
+def test_cli_converts_a_run_to_a_bundle_that_predicts_like_it(grey_run, tmp_path, capsys):
+    """--to takes a training run: its best variables, preprocessing, view and class names."""
+    from vgg_jax import predict, pretrained
+
+    out = str(tmp_path / "bundle")
+    assert convert.main([grey_run, "--to", out]) == 0
+    run, bundle = pretrained.resolve(grey_run), checkpoints.load_bundle(out)
+    assert_same_variables(bundle.variables, run.variables)
+    assert bundle.preprocessing == run.preprocessing
+    assert bundle.metadata["class_names"][8] == "Bag"
+    image = str(tmp_path / "shoe.png")
+    Image.fromarray(photos(40)[0]).convert("L").save(image)
+    capsys.readouterr()
+    assert predict.main([image, "--weights", grey_run]) == 0
+    from_run = capsys.readouterr().out
+    assert predict.main([image, "--weights", out]) == 0
+    assert capsys.readouterr().out == from_run and "the run's view" in from_run
+
+
+def test_cli_run_to_bundle_options(grey_run, tmp_path, capsys):
+    """--image-size adapts a run as it does a bundle; --which picks its state."""
+    from vgg_jax import pretrained
+
+    out = str(tmp_path / "b64")
+    assert convert.main([grey_run, "--to", out, "--image-size", "64", "--which", "latest"]) == 0
+    run, bundle = pretrained.resolve(grey_run, "latest"), checkpoints.load_bundle(out)
+    assert_same_variables(bundle.variables, convert.adapt_bundle(run, image_size=64).variables)
+    assert bundle.metadata["which"] == "latest" and bundle.image_size == 64
+    assert bundle.metadata["eval_scale"] == 2 * run.metadata["eval_scale"]  # the same view
+    assert convert.main([grey_run, "--to", str(tmp_path / "b"), "--in-channels", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "greyscale already" in err and len(err.strip().splitlines()) == 1
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "a.txt").write_text("")
+    assert convert.main([str(other), "--to", str(tmp_path / "c")]) == 1
+    err = capsys.readouterr().err
+    assert "is neither a model bundle" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_grey_run_exports_and_imports_back(grey_run, tmp_path):
+    """run -> --export-torchvision -> --to: the 1-channel conv1_1 is read off the file."""
+    from vgg_jax import pretrained
+
+    exported, back = str(tmp_path / "fm.safetensors"), str(tmp_path / "back")
+    assert convert.main([grey_run, "--export-torchvision", exported]) == 0
+    assert convert.main([exported, "--to", back]) == 0
+    bundle = checkpoints.load_bundle(back)
+    assert_same_variables(bundle.variables, pretrained.resolve(grey_run).variables)
+    assert bundle.preprocessing == convert.GREYSCALE_PREPROCESSING
 
 
 # ---------------------------------------------------------------------------

@@ -7,6 +7,7 @@
     python -m vgg_jax.convert weights/vgg16_torchvision --export-torchvision vgg16.safetensors
     python -m vgg_jax.convert weights/vgg16_torchvision --to weights/vgg16_grey64 \
         --in-channels 1 --image-size 64      # for fine-tuning on greyscale 64x64 images
+    python -m vgg_jax.convert runs/my_run --to weights/my_run   # a training run's best model
 
 The result is a model bundle (`vgg_jax.checkpoints`): the variables plus the
 source framework's input preprocessing, so that `predict`, `evaluate`,
@@ -46,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from vgg_jax import checkpoints, cli, download, file_formats, models
+from vgg_jax import checkpoints, cli, download, file_formats, fileio, models
 from vgg_jax.checkpoints import ModelBundle, Preprocessing
 from vgg_jax.convert_common import (
     FORMATS,
@@ -63,6 +64,9 @@ TORCHVISION_PREPROCESSING = Preprocessing(
     mean=(0.485, 0.456, 0.406),
     std=(0.229, 0.224, 0.225),
 )
+# Greyscale networks (`adapt_bundle(in_channels=1)`, the Fashion-MNIST configs) take pixels in
+# [0, 1] as they are; a torchvision file of one holds no preprocessing, so it gets this one.
+GREYSCALE_PREPROCESSING = Preprocessing("RGB", 1.0, (0.0,), (1.0,))
 TORCHVISION_MODELS = ("vgg11", "vgg13", "vgg16", "vgg19", "vgg11_bn", "vgg13_bn", "vgg16_bn")
 TORCHVISION_MODELS += ("vgg19_bn",)
 TORCHVISION_POOL = 7  # torchvision's AdaptiveAvgPool2d((7, 7)) before FC1
@@ -187,20 +191,26 @@ def from_torchvision(
     if spec.batch_norm:
         variables["batch_stats"] = {"features": stats}
     metadata = {"source_format": "torchvision", "source": source}
-    return make_bundle(
-        spec.name, variables, image_size, TORCHVISION_PREPROCESSING, metadata, source
-    )
+    preprocessing = _torchvision_preprocessing(state["features.0.weight"].shape[1])
+    return make_bundle(spec.name, variables, image_size, preprocessing, metadata, source)
+
+
+def _torchvision_preprocessing(in_channels: int) -> Preprocessing:
+    """torchvision's for RGB input; a network of other input (exported from vgg_jax, e.g.
+    trained on Fashion-MNIST) gets the greyscale identity, which its file cannot say."""
+    return TORCHVISION_PREPROCESSING if in_channels == 3 else GREYSCALE_PREPROCESSING
 
 
 def _torchvision_shapes(state: Mapping[str, np.ndarray], spec: models.VGGSpec) -> dict:
     """{file key: the shape a torchvision state dict of this spec needs}, widths read off the file.
 
-    The widths come from the first conv (width_divisor) and the classifier (fc
-    width, classes), so a width-reduced file is checked against its own model.
+    The widths and input channels come from the first conv (width_divisor; 1 for a
+    greyscale network exported from vgg_jax) and the classifier (fc width, classes), so
+    a width-reduced or greyscale file is checked against its own model.
     """
-    widths = [w // max(1, models.STAGE_WIDTHS[0] // state["features.0.weight"].shape[0])
-              for w in models.STAGE_WIDTHS]  # fmt: skip
-    shapes, cin = {}, 3
+    first = state["features.0.weight"].shape  # (out, in, kh, kw)
+    widths = [w // max(1, models.STAGE_WIDTHS[0] // first[0]) for w in models.STAGE_WIDTHS]
+    shapes, cin = {}, first[1]
     layout = iter(torchvision_layout(spec))
     for stage, kernels in enumerate(spec.stages):
         for k in kernels:
@@ -455,7 +465,10 @@ def adapt_bundle(
         conv = params["features"]["conv1_1"]
         kernel = conv["kernel"].astype(np.float64)  # (k, k, C, out)
         if kernel.shape[2] != 3:
-            raise ConversionError(f"conv1_1 has {kernel.shape[2]} input channels, expected 3.")
+            raise ConversionError(
+                f"conv1_1 has {kernel.shape[2]} input channels, not RGB's 3: --in-channels 1 "
+                "adapts RGB weights, and these are greyscale already; leave it out."
+            )
         std = np.asarray(preprocessing.std, np.float64)
         mean = np.asarray(preprocessing.mean, np.float64)
         scaled = kernel / std[None, None, :, None]
@@ -463,7 +476,7 @@ def adapt_bundle(
             np.float32
         )
         conv["bias"] = (conv["bias"] - np.einsum("hwco,c->o", scaled, mean)).astype(np.float32)
-        preprocessing = Preprocessing("RGB", 1.0, (0.0,), (1.0,))
+        preprocessing = GREYSCALE_PREPROCESSING
         metadata["adapted_in_channels"] = 1
     if image_size is not None and image_size != bundle.image_size:
         window = models.feature_map_size(image_size)
@@ -472,6 +485,8 @@ def adapt_bundle(
         params["fc6"]["kernel"] = fold_adaptive_pool(params["fc6"]["kernel"], window)
         options["image_size"] = int(image_size)
         metadata["adapted_image_size"] = int(image_size)
+        if metadata.get("eval_scale"):  # a run's view (predict): the same field at the new size
+            metadata["eval_scale"] = round(metadata["eval_scale"] * image_size / bundle.image_size)
     source = metadata.get("source", bundle.name)
     return make_bundle(
         bundle.name, variables, options["image_size"], preprocessing, metadata, source, options
@@ -496,6 +511,14 @@ def _is_weights_name(src: str) -> bool:
     from vgg_jax import pretrained
 
     return not os.path.exists(src) and src in pretrained.REGISTRY
+
+
+def _is_network(src: str) -> bool:
+    """A bundle, a training run or a weights name (`pretrained.resolve`), not a weights file.
+
+    Any directory counts: resolve says what a directory that is neither lacks.
+    """
+    return checkpoints.is_bundle(src) or fileio.isdir(src) or _is_weights_name(src)
 
 
 def fetch_source(src: str, sha256: str | None) -> str:
@@ -540,6 +563,12 @@ def main(argv: list[str] | None = None) -> int:
         "file is read; the verified download is cached (vgg_jax.download.cache_dir())",
     )
     parser.add_argument("--to", help="output bundle directory")
+    parser.add_argument(
+        "--which",
+        default="best",
+        choices=("best", "latest"),
+        help="for a run directory: which state (default: its best evaluation)",
+    )
     parser.add_argument("--format", choices=FORMATS, help="source format (default: detected)")
     parser.add_argument("--model", help="expected model, e.g. vgg16 (default: detected)")
     parser.add_argument(
@@ -564,14 +593,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--export-torchvision",
         metavar="OUT",
-        help="export the bundle SRC to a torchvision state dict (.safetensors or .pth)",
+        help="export the bundle or run SRC to a torchvision state dict (.safetensors or .pth)",
     )
     args = parser.parse_args(argv)
     try:
         if args.export_torchvision:
             from vgg_jax import pretrained  # it imports this module
 
-            bundle = pretrained.resolve(args.src)
+            bundle = pretrained.resolve(args.src, args.which)
             write_torchvision_file(to_torchvision(bundle), args.export_torchvision)
             print(f"Wrote {bundle.name} as a torchvision state dict to {args.export_torchvision}")
             return 0
@@ -579,10 +608,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("give --to OUT_BUNDLE (or --export-torchvision OUT)")
         check_output_dir(args.to)
         src = fetch_source(args.src, args.sha256)
-        if checkpoints.is_bundle(src) or _is_weights_name(src):
+        if _is_network(src):
             from vgg_jax import pretrained  # it imports this module
 
-            bundle = pretrained.resolve(src)
+            # A run keeps its class names and dataset settings (pretrained.load_run).
+            bundle = pretrained.resolve(src, args.which)
             bundle = adapt_bundle(bundle, args.in_channels, args.image_size)
         else:
             bundle = convert_file(src, args.format, args.model, args.image_size, args.features_only)
@@ -593,8 +623,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Error: {e}", file=sys.stderr)  # as every command words a failure
         return 1
     p = bundle.preprocessing
+    kind = "run" if "workdir" in bundle.metadata else "bundle"
     print(
-        f"Converted {bundle.name} ({bundle.metadata.get('source_format', 'bundle')}, image_size "
+        f"Converted {bundle.name} ({bundle.metadata.get('source_format', kind)}, image_size "
         f"{bundle.image_size}, {bundle.num_classes} classes) to {args.to}; preprocessing "
         f"{p.channel_order}, x*{p.value_range:g} - {p.mean}, / {p.std}"
     )
