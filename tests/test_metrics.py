@@ -117,6 +117,9 @@ def test_progress_line_shows_epoch_step_figures_and_eta():
     assert "epoch   2.50" in line and "step 50/100" in line and "#" * 10 + "-" * 10 in line
     assert "loss 0.5000" in line and "acc 0.7500" in line and "lr 1.00e-02" in line
     assert "128 img/s" in line and "ETA 0:01:40" in line  # 50 steps left at 2 s each
+    del figures["train_accuracy"]  # a box regressor (localisation) has none: no "acc nan"
+    bar.update(60, figures, seconds_per_step=2.0)
+    assert "loss 0.5000 lr 1.00e-02" in stream.getvalue().splitlines()[-1]
 
 
 def test_disabled_bar_prints_no_progress_but_still_messages():

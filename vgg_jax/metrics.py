@@ -43,11 +43,12 @@ class ProgressBar:
         width = 20
         bar = "#" * int(done * width) + "-" * (width - int(done * width))
         eta = _duration(max(self.total - step, 0) * seconds_per_step)
+        accuracy = figures.get("train_accuracy")  # none for a box regressor
         line = (
             f"epoch {epoch:6.2f} [{bar}] step {step}/{self.total} "
             f"loss {figures.get('train_loss', math.nan):.4f} "
-            f"acc {figures.get('train_accuracy', math.nan):.4f} "
-            f"lr {figures.get('learning_rate', math.nan):.2e} "
+            + (f"acc {accuracy:.4f} " if accuracy is not None else "")
+            + f"lr {figures.get('learning_rate', math.nan):.2e} "
             f"{figures.get('images_per_second', 0.0):.0f} img/s ETA {eta}"
         )
         if self.tty:

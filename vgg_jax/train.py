@@ -169,10 +169,11 @@ def load_init_source(path: str) -> checkpoints.ModelBundle:
 
     if not fileio.exists(path) and path not in pretrained.REGISTRY:
         raise FileNotFoundError(
-            f"config.init_from={path!r} does not exist. Train the previous stage there first "
-            "(the :384 and :jitter variants start from the :256 and :384 runs, see "
-            "configs/paper.py), or point --config.init_from at a run, a model bundle or a "
-            f"weights name ({', '.join(pretrained.names())})."
+            f"config.init_from={path!r} does not exist. Make it first: the previous stage's "
+            "run (the :384 and :jitter variants start from the :256 and :384 runs, see "
+            "configs/paper.py), or a bundle by `python -m vgg_jax.convert NAME --to PATH` (as "
+            "the config file's docstring shows); or point --config.init_from at a run, a "
+            f"model bundle or a weights name ({', '.join(pretrained.names())})."
         )
     return pretrained.resolve(path, "best")
 

@@ -69,7 +69,7 @@ def _log_epoch(epoch: int, pi: int, counter: BadImageCounter) -> None:
     log.warning(
         "Epoch %d, process %d: skipped %d training image(s) that could not be decoded "
         "(%d in all so far).",
-        epoch,
+        epoch + 1,  # counted from 1, as the trainer's summary and progress lines count
         pi,
         counter.epoch_count,
         counter.total,
@@ -234,7 +234,7 @@ def _train_iterator(config, source, aug, start_step, steps, pi, pc, local_batch,
             check_bad_images(config, bad, "Training")
             if len(batch["label"]) < local_batch:
                 raise RuntimeError(
-                    f"Epoch {epoch}, step {epoch * steps + b}, process {pi}: only "
+                    f"Epoch {epoch + 1}, step {epoch * steps + b}, process {pi}: only "
                     f"{len(batch['label'])} of {2 * local_batch} training images around this "
                     f"batch decode, fewer than its {local_batch}; too many files are corrupt or "
                     "unreadable (check the data in config.data_dir)."
