@@ -36,6 +36,10 @@ def test_expected_errors_give_their_message(capsys, monkeypatch):
     )
     assert _exit_line(_raise(SystemExit("Error: X.")), capsys) == "Error: X."
     assert _exit_line(_raise(SystemExit("Bad command line: Y.")), capsys) == "Bad command line: Y."
+    # A message with lines of its own (tfds's "not prepared" text, in train's exit) is one line.
+    tfds_like = "Error: Dataset not found.\n  Manual directory: /x\n\nPlease download."
+    line = _exit_line(_raise(SystemExit(tfds_like)), capsys)
+    assert line == "Error: Dataset not found. Manual directory: /x Please download."
 
 
 def test_os_errors_say_what_happened(monkeypatch, capsys):

@@ -73,3 +73,12 @@ def test_concurrent_preparation_waits_for_the_first(tfds_dir, tmp_path, caplog):
     assert not waiter.is_alive() and found[0].is_prepared()
     assert found[0].info.splits["test"].num_examples == 10_000
     assert "Preparing" not in caplog.text  # it used the copy the first one made
+
+
+def test_an_unprepared_dataset_is_one_error_and_leaves_no_empty_folders(tmp_path):
+    # ImageNet without its manual download: tfds fails at once, offline. The empty
+    # imagenet2012/ and downloads/ folders it made made tfds warn on every later run.
+    (tmp_path / "fashion_mnist").mkdir()  # someone else's folder: kept
+    with pytest.raises(FileNotFoundError, match="ILSVRC2012_img_train.tar and .* in config"):
+        data_sources.create_source("imagenet2012", data_dir=str(tmp_path))
+    assert os.listdir(tmp_path) == ["fashion_mnist"]

@@ -226,8 +226,11 @@ def _call(main: Callable[..., Any], debug: bool, *args: Any, **kwargs: Any) -> A
                 sys.exit(_disk_full(None, sys.argv))
             if _TRACEBACK in e.code:
                 sys.exit(_fold(e.code))
-            if not e.code.startswith(_OWN_WORDING):  # "--scales must be ...", a name not found
-                sys.exit(f"Error: {e.code}")
+            line = " ".join(e.code.split())  # tfds's messages, say, have lines of their own
+            if not line.startswith(_OWN_WORDING):  # "--scales must be ...", a name not found
+                sys.exit(f"Error: {line}")
+            if line != e.code.strip():
+                sys.exit(line)
         raise
     except KeyboardInterrupt:
         if debug:

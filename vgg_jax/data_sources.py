@@ -507,9 +507,12 @@ def _create_source(dataset: str, data_dir: str, manual_dir: str) -> Source:
     except tfds.core.DatasetNotFoundError as e:
         raise ValueError(_unknown_dataset(dataset, str(e))) from None
     if not builder.is_prepared():
+        root = os.fspath(builder.data_dir_root)
+        before = _folders(root)
         try:
             builder.download_and_prepare(download_config=download_config)
         except Exception as e:  # noqa: BLE001
+            _remove_new_empty_folders(root, before)
             hint = (
                 " For imagenet2012, put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in "
                 "config.manual_dir (see docs/data.md)."
@@ -521,6 +524,21 @@ def _create_source(dataset: str, data_dir: str, manual_dir: str) -> Source:
                 f"and preparing it failed: {e}.{hint}"
             ) from e
     return TfdsSource(builder)
+
+
+def _folders(root: str) -> set[str]:
+    """The folders under a local tfds data_dir (a URL: none, nothing is cleaned there)."""
+    if "://" in root or not os.path.isdir(root):
+        return set()
+    return {path for path, _, _ in os.walk(root)}
+
+
+def _remove_new_empty_folders(root: str, before: set[str]) -> None:
+    """Removes the empty folders a failed prepare left (imagenet2012/, downloads/manual/):
+    tfds warns about every empty dataset folder on each later run."""
+    for path in sorted(_folders(root) - before, key=len, reverse=True):  # deepest first
+        with contextlib.suppress(OSError):  # not empty: something worth keeping
+            os.rmdir(path)
 
 
 def _unknown_dataset(dataset: str, tfds_message: str) -> str:
