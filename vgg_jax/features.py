@@ -255,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, np.ndarray]:
     )  # fmt: skip
     args = p.parse_args(argv)
     bundle = pretrained.resolve(args.weights, args.which)
-    channels = transfer.input_channels(bundle)  # 1 for a network adapted to greyscale
+    channels = input_channels(bundle.variables)  # 1 for a greyscale network
     images = [image_io.open_image(path, channels) for path in args.images]
     if args.descriptor:
         pixels = [image_io.pixels(im) for im in images]
