@@ -161,6 +161,11 @@ def is_bundle(path: str | os.PathLike) -> bool:
     return fileio.isfile(fileio.join(path, BUNDLE_FILE))
 
 
+def is_run(path: str | os.PathLike) -> bool:
+    """A training run's workdir: it holds the run's config.json."""
+    return fileio.isfile(fileio.join(path, CONFIG_FILE))
+
+
 def load_bundle(path: str | os.PathLike) -> ModelBundle:
     """Reads a bundle directory written by `save_bundle`, checking shapes against the model.
 
@@ -169,7 +174,7 @@ def load_bundle(path: str | os.PathLike) -> ModelBundle:
     path = fileio.absolute(path)
     meta_path = fileio.join(path, BUNDLE_FILE)
     if not fileio.isfile(meta_path):
-        if fileio.isfile(fileio.join(path, CONFIG_FILE)):
+        if is_run(path):
             return load_workdir(path, "best")
         if not fileio.exists(path):
             raise FileNotFoundError(f"{path} does not exist; give a model bundle directory.")

@@ -258,7 +258,7 @@ def _base_config(args: argparse.Namespace) -> Any:
     --checkpoint that is a training run (its config.json), or the defaults (ImageNet)."""
     import ml_collections
 
-    runs = [p for p in [args.workdir, *(args.checkpoint or [])] if p and _is_run(p)]
+    runs = [p for p in [args.workdir, *(args.checkpoint or [])] if p and checkpoints.is_run(p)]
     if runs and (runs[0] == args.workdir or not args.config):
         return ml_collections.ConfigDict(checkpoints.read_run_config(runs[0]))
     from vgg_jax import configuration
@@ -269,10 +269,6 @@ def _base_config(args: argparse.Namespace) -> Any:
         "; pass --config configs/<experiment>.py (the data settings of the run) or --workdir "
         "of a training run",
     )
-
-
-def _is_run(path: str) -> bool:
-    return fileio.isfile(fileio.join(path, checkpoints.CONFIG_FILE))
 
 
 def load_network(

@@ -309,7 +309,7 @@ def image_main(argv: Sequence[str]) -> str:
         if not classifier:
             raise ValueError("No classifier recorded in the run: pass --classifier.")
         member, _ = evaluate.load_network(classifier)
-        channels = int(member.variables["params"]["features"]["conv1_1"]["kernel"].shape[2])
+        channels = checkpoints.input_channels(member.variables)
         image = image_io.load_image(args.image, channels)
         info = checkpoints.load_bundle(args.workdir[0]).metadata["localization"]
         scales = args.scales or info["dense_scales"]

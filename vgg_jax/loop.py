@@ -471,7 +471,7 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> list[str
     stop's message advises. The caller records accepted differences in config.json
     once the checkpoint has been restored.
     """
-    if not fileio.isfile(fileio.join(workdir, checkpoints.CONFIG_FILE)):
+    if not checkpoints.is_run(workdir):
         return []
     try:
         stored = checkpoints.read_run_config(workdir)

@@ -92,7 +92,7 @@ def predict(
     Bundles adapted to greyscale (`convert --in-channels 1`) get the images in grey.
     """
     checkpoints.check_classifier(bundle, "predict")
-    grey = np.shape(bundle.variables["params"]["features"]["conv1_1"]["kernel"])[2] == 1
+    grey = checkpoints.input_channels(bundle.variables) == 1
     images = [open_image(p, 1 if grey else 3) for p in paths]
     if dense:
         probs = dense_probabilities(bundle, [pixels(im) for im in images], scales)

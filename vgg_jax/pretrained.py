@@ -227,7 +227,7 @@ def resolve(spec: str, which: str = "best") -> ModelBundle:
     if fileio.exists(spec):
         if checkpoints.is_bundle(spec):
             return class_names.with_class_names(checkpoints.load_bundle(spec))
-        if fileio.isfile(fileio.join(spec, checkpoints.CONFIG_FILE)):
+        if checkpoints.is_run(spec):
             return load_run(spec, which)
         raise FileNotFoundError(
             f"{spec} is neither a model bundle ({checkpoints.BUNDLE_FILE}) nor a training run "

@@ -125,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         raise SystemExit("Name one network: --weights NAME_OR_DIR (or --workdir / --checkpoint).")
     member, bundle = evaluate.load_network(given[0], args.which)
     checkpoints.check_classifier(bundle, "score_map")
-    channels = int(member.variables["params"]["features"]["conv1_1"]["kernel"].shape[2])
+    channels = checkpoints.input_channels(member.variables)
     image = image_io.load_image(args.image, channels)
     size = member.model.image_size
     q = args.scale or default_scale(size)

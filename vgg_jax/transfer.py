@@ -173,7 +173,7 @@ def default_scales(image_size: int) -> tuple[int, ...]:
 
 def input_channels(bundle: checkpoints.ModelBundle) -> int:
     """Image channels the network's first convolution reads."""
-    return int(bundle.variables["params"]["features"]["conv1_1"]["kernel"].shape[2])
+    return checkpoints.input_channels(bundle.variables)
 
 
 def describe(
